@@ -1,0 +1,91 @@
+"""Decoder-only transformer pieces of the NextStep backbone, with a preallocated KV cache.
+
+RMSNorm, the SwiGLU MLP and rotary embeddings are transformers' Llama building blocks; the
+attention is ours so that it reads and writes a static cache by position, the way the
+token loop needs it (fixed shapes, no tensor growth per token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb
+
+from .config import NextStepConfig
+
+
+class StaticKVCache:
+    """Keys and values for every layer, allocated once for ``max_len`` positions.
+
+    ``key_valid`` marks which cached positions hold real (non-padding) tokens of each row.
+    Positions are shared by all rows: as in the reference, left padding does not shift them.
+    """
+
+    def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.key_positions = torch.arange(max_len, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.key_valid.shape[1]
+
+    def mark(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Record which of the incoming ``positions`` are real tokens and return the attention mask.
+
+        valid: (B, T) bool. Returns (B, 1, T, max_len) bool, True where a query may attend a key:
+        causal over real keys, and always the query's own position, so that padding rows stay
+        finite (their outputs are never used).
+        """
+        self.key_valid[:, positions] = valid
+        causal = self.key_positions[None, :] <= positions[:, None]  # (T, max_len)
+        own = self.key_positions[None, :] == positions[:, None]
+        return ((causal & self.key_valid[:, None, :]) | own)[:, None]
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, kv_heads, T, head_dim) at ``positions``; return the whole cache of ``layer``."""
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: NextStepConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_attention_bias)
+
+    def forward(self, x, cos, sin, mask, positions, cache: StaticKVCache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = cache.update(self.layer_idx, positions, k, v)  # (B, nkv, max_len, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))``."""
+
+    def __init__(self, config: NextStepConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, mask, positions, cache: StaticKVCache):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,131 @@
+"""NextStep: the backbone, the image projectors and the flow-matching head, with official names.
+
+Top-level parameter names match the released checkpoints: ``embed_tokens``, ``layers.N``,
+``norm``, ``lm_head``, ``image_in_projector``, ``image_out_projector``, ``image_head.net``
+and the buffer ``gen_pos_embed``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .backbone import DecoderLayer, StaticKVCache
+from .config import NextStepConfig
+from .flow_head import FlowMatchingHead
+from .tokens import patchify
+from .weights import load_strict, read_state_dict, save_safetensors
+
+
+def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sin-cos table, row-major; first half of channels encodes the column."""
+
+    def table_1d(half_dim: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(half_dim // 2, dtype=torch.float64) / (half_dim / 2))
+        out = pos.reshape(-1, 1).double() * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # sin first
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([table_1d(dim // 2, cols), table_1d(dim // 2, rows)], dim=1).float()
+
+
+class NextStepModel(nn.Module):
+    def __init__(self, config: NextStepConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        self.image_in_projector = nn.Linear(config.token_dim, hidden)
+        self.image_out_projector = nn.Linear(hidden, hidden)
+        self.image_head = FlowMatchingHead(config.token_dim, hidden, config.fm_head_dim, config.fm_head_layers)
+        grid = config.gen_pos_embed_grid
+        self.register_buffer("gen_pos_embed", sincos_2d_table(hidden, grid)[None], persistent=True)
+
+    # ---- loading and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_directory(cls, directory: Path, device="cpu", dtype=torch.float32) -> NextStepModel:
+        """Build on the meta device and take the checkpoint's tensors as they are (no random init, one copy)."""
+        directory = Path(directory)
+        config = NextStepConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        state = read_state_dict(directory, device, dtype)
+        # NextStep-1 checkpoints carry the fixed position table; NextStep-1.1 ones do not.
+        load_strict(model, state, f"checkpoint {directory}", optional=frozenset({"gen_pos_embed"}))
+        model._build_computed_buffers(device, keep_loaded="gen_pos_embed" in state)
+        return model.eval()
+
+    def _build_computed_buffers(self, device, keep_loaded: bool) -> None:
+        with torch.device(device):
+            self.rotary_emb = LlamaRotaryEmbedding(self.config)
+        if not keep_loaded:
+            table = sincos_2d_table(self.config.hidden_size, self.config.gen_pos_embed_grid)[None]
+            self.gen_pos_embed = table.to(device=device, dtype=self.embed_tokens.weight.dtype)
+
+    def save_pretrained(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        save_safetensors(self, directory)
+
+    # ---- forward pieces used by the token loop ------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor, image_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings, with image placeholders replaced by projected image tokens.
+
+        image_latents: (n_img, C, H/8, W/8) normalised latents; image i fills the placeholders of
+        the i-th row that has any (rows are scanned in order).
+        """
+        embeds = self.embed_tokens(input_ids)
+        if image_latents is None:
+            return embeds
+        image_embeds = self.image_in_projector(patchify(image_latents.to(self.dtype), self.config.latent_patch_size))
+        rows = (input_ids == self.config.image_placeholder_id).any(dim=1).nonzero().flatten().tolist()
+        if len(rows) != image_embeds.shape[0]:
+            raise ValueError(f"{len(rows)} prompt rows hold an image slot but {image_embeds.shape[0]} images were given")
+        for image_index, row in enumerate(rows):
+            slots = input_ids[row] == self.config.image_placeholder_id
+            if int(slots.sum()) != image_embeds.shape[1]:
+                raise ValueError("the image slot in the prompt does not match the image's token count")
+            embeds[row, slots] = image_embeds[image_index]
+        return embeds
+
+    def forward_backbone(
+        self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cache: StaticKVCache
+    ) -> torch.Tensor:
+        """Run the decoder over ``embeds`` (B, T, hidden) at ``positions`` (T,), filling ``cache``.
+
+        valid: (B, T) bool, False for padding. Returns the final-normed hidden states (B, T, hidden).
+        """
+        mask = cache.mark(positions, valid)
+        cos, sin = self.rotary_emb(embeds, positions[None])
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, positions, cache)
+        return self.norm(x)
+
+    def condition(self, hidden: torch.Tensor, token_index: int) -> torch.Tensor:
+        """Flow-head condition for image token ``token_index`` from the last hidden state (B, hidden)."""
+        if self.config.use_gen_pos_embed:
+            hidden = hidden + self.gen_pos_embed[0, token_index]
+        return self.image_out_projector(hidden)
+
+    def new_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
+        return StaticKVCache(self.config, batch_size, max_len, self.device, self.dtype)

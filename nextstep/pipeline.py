@@ -1,0 +1,300 @@
+"""Request -> prompt rows -> prefill -> token loop -> events. The one place that orchestrates."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .hub import ModelNotFoundError, resolve_directory
+from .model import NextStepModel
+from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
+from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer
+from .sampling import SAMPLERS, noise_draws, sample_token, time_grid_v1
+from .vae import AutoencoderKL
+
+CFG_SCHEDULES = ("constant", "linear")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that determines one generation (the input image aside, all plain values)."""
+
+    prompt: str
+    image: Image.Image | None = None
+    negative_prompt: str | None = None
+    positive_prompt: str | None = None
+    hw: tuple[int, int] = (256, 256)
+    num_images: int = 1
+    cfg: float = 7.5
+    cfg_img: float = 1.0
+    cfg_schedule: str = "constant"
+    timesteps_shift: float = 1.0
+    num_sampling_steps: int = 50
+    use_norm: bool = True
+    seed: int | None = 42
+    sampler: str = "v1"
+
+    def parameters(self) -> dict:
+        """The request as JSON-ready values (without the image), to store beside results."""
+        values = dataclasses.asdict(dataclasses.replace(self, image=None))
+        del values["image"]
+        values["hw"] = list(self.hw)
+        values["edit"] = self.image is not None
+        return values
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    tokens: torch.Tensor  # (num_images, N, token_dim) float32, after use_norm
+    seed: int
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class StreamEvent:
+    done: int  # image tokens sampled so far
+    total: int  # image tokens in all
+    preview: list[Image.Image] | None = None
+    result: GenerationResult | None = None
+
+
+def _number(name: str, value, minimum: float | None = None, integer: bool = False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def prepare_image(image: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
+    """Any PIL image -> RGB, resized and center-cropped to hw -> (1, 3, H, W) in [-1, 1]."""
+    rgb = ImageOps.exif_transpose(image).convert("RGB")
+    height, width = hw
+    if rgb.size != (width, height):
+        rgb = ImageOps.fit(rgb, (width, height), method=Image.Resampling.BICUBIC)
+    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return ((pixels.permute(2, 0, 1).float() / 255 - 0.5) / 0.5)[None]
+
+
+class NextStepPipeline:
+    """A loaded NextStep model with its VAE and tokenizer; ``stream`` and ``generate`` sample images."""
+
+    def __init__(self, model: NextStepModel, vae: AutoencoderKL, tokenizer, name: str = "nextstep"):
+        self.model = model
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+        self.prompts = PromptBuilder(tokenizer, self.config.boi)
+        self.previewer = Previewer(vae, self.config.latent_patch_size)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path, vae: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> NextStepPipeline:
+        """Load a model directory or Hub id; ``vae=None`` takes ``config.vae_name_or_path``
+        (relative to the model directory), else a ``vae/`` folder inside the model."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        device = torch.device(device)
+        model_dir = resolve_directory(model, "model")
+        network = NextStepModel.from_directory(model_dir, device, dtype)
+        vae_name = vae or network.config.vae_name_or_path
+        if vae_name is not None:
+            vae_dir = resolve_directory(vae_name, "VAE", relative_to=model_dir)
+        elif (model_dir / "vae").is_dir():
+            vae_dir = model_dir / "vae"
+        else:
+            raise ModelNotFoundError(
+                f"no VAE for {model_dir}: pass vae=..., or set vae_name_or_path in its config.json"
+            )
+        autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype)
+        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def supports_images(self) -> bool:
+        return self.config.image_placeholder_id is not None
+
+    @property
+    def down_factor(self) -> int:
+        """Pixels per image token along each side."""
+        return self.vae.config.downsample_factor * self.config.latent_patch_size
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def generate(self, prompt: str, image: Image.Image | None = None, **kwargs) -> GenerationResult:
+        """Sample to the end without previews and return the result."""
+        for event in self.stream(prompt, image, preview="none", **kwargs):
+            if event.result is not None:
+                return event.result
+        raise RuntimeError("the token loop ended without a result")
+
+    def stream(
+        self,
+        prompt: str,
+        image: Image.Image | None = None,
+        *,
+        preview_every: int = 8,
+        preview: str = "vae",
+        **kwargs,
+    ) -> Iterator[StreamEvent]:
+        """Yield one event per sampled token; previews every ``preview_every`` tokens; the
+        last event carries the result. Closing the generator stops sampling."""
+        request = GenerationRequest(prompt=prompt, image=image, **kwargs)
+        self.validate(request)
+        if preview not in PREVIEW_MODES:
+            raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, got {preview!r}")
+        preview_every = _number("preview_every", preview_every, minimum=1, integer=True)
+        return self._run(request, preview_every, preview)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ValueError with a message a user understands; normalise numeric types in place."""
+        if not isinstance(request.prompt, str):
+            raise ValueError(f"prompt must be text, got {type(request.prompt).__name__}")
+        for name in ("negative_prompt", "positive_prompt"):
+            value = getattr(request, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be text, got {type(value).__name__}")
+        if not isinstance(request.hw, (tuple, list)) or len(request.hw) != 2:
+            raise ValueError(f"hw must be (height, width), got {request.hw!r}")
+        step = self.down_factor
+        request.hw = tuple(_number(side, v, minimum=step, integer=True) for side, v in zip(("height", "width"), request.hw))
+        if any(v % step for v in request.hw):
+            raise ValueError(f"height and width must be multiples of {step}, got {request.hw[0]}x{request.hw[1]}")
+        request.num_images = _number("num_images", request.num_images, minimum=1, integer=True)
+        request.cfg = _number("cfg (text guidance)", request.cfg, minimum=1.0)
+        request.cfg_img = _number("cfg_img (image guidance)", request.cfg_img, minimum=1.0)
+        request.timesteps_shift = _number("timesteps_shift", request.timesteps_shift)
+        if request.timesteps_shift <= 0:
+            raise ValueError(f"timesteps_shift must be greater than 0, got {request.timesteps_shift!r}")
+        request.num_sampling_steps = _number("num_sampling_steps", request.num_sampling_steps, minimum=1, integer=True)
+        if request.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {request.cfg_schedule!r}")
+        if request.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {request.sampler!r}")
+        if not isinstance(request.use_norm, bool):
+            raise ValueError(f"use_norm must be true or false, got {request.use_norm!r}")
+        if request.seed is not None:
+            request.seed = _number("seed", request.seed, minimum=0, integer=True)
+            if request.seed > MAX_SEED:
+                raise ValueError(f"seed must be at most {MAX_SEED}, got {request.seed}")
+        slots = request.prompt.count(IMAGE_SLOT)
+        if slots > 1:
+            raise ValueError(f"the prompt may hold at most one {IMAGE_SLOT} slot, it has {slots}")
+        if request.image is None and slots:
+            raise ValueError(f"the prompt has an {IMAGE_SLOT} slot but no image was given")
+        if request.image is not None:
+            if not isinstance(request.image, Image.Image):
+                raise ValueError(f"image must be a PIL image, got {type(request.image).__name__}")
+            if not self.supports_images:
+                raise ValueError("this model takes no input image (its config has no image_placeholder_id)")
+        tokens = (request.hw[0] // step) * (request.hw[1] // step)
+        table = self.config.gen_pos_embed_grid**2
+        if self.config.use_gen_pos_embed and tokens > table:
+            raise ValueError(f"this model supports at most {table} image tokens; {request.hw} needs {tokens}")
+
+    # ---- the token loop ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, request: GenerationRequest, preview_every: int, preview: str) -> Iterator[StreamEvent]:
+        model, config = self.model, self.config
+        device = self.device
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
+        generator = torch.Generator().manual_seed(seed)  # CPU, as the reference: same numbers on any device
+        grid = (request.hw[0] // self.down_factor, request.hw[1] // self.down_factor)
+        total = grid[0] * grid[1]
+        images, dim = request.num_images, config.token_dim
+
+        # 1. Prompt rows for the guidance branches.
+        has_image = request.image is not None
+        branches = guidance_branches(request.cfg, request.cfg_img, has_image)
+        prompt = request.prompt if not has_image or IMAGE_SLOT in request.prompt else IMAGE_SLOT + request.prompt
+        rows = self.prompts.rows(
+            prompt, request.negative_prompt, request.positive_prompt, images, branches, grid if has_image else None
+        )
+        batch = self.prompts.encode(rows, grid)
+        prompt_len = batch.input_ids.shape[1]
+        if prompt_len + total > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt and image need {prompt_len + total} positions; this model supports "
+                f"{config.max_position_embeddings}: use a smaller size or a shorter prompt"
+            )
+
+        # 2. Input image -> latents (the first random draw), then all flow-head noise.
+        image_latents = None
+        if has_image:
+            pixels = prepare_image(request.image, request.hw).expand(batch.images_needed, -1, -1, -1)
+            mean, std = self.vae.posterior(pixels.to(device))
+            noise = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+            image_latents = self.vae.normalize(mean + std * noise)
+        draws = noise_draws(request.sampler, request.num_sampling_steps)
+        head_noise = torch.randn(total, draws, images, dim, generator=generator).to(device)
+        time_grid = time_grid_v1(request.num_sampling_steps, request.timesteps_shift).to(device)
+        cfg, cfg_img = self._guidance_per_token(request, total)
+
+        # 3. Prefill the cache with the prompt.
+        cache = model.new_cache(len(rows), prompt_len + total)
+        embeds = model.embed(batch.input_ids.to(device), image_latents)
+        positions = torch.arange(prompt_len, device=device)
+        hidden = model.forward_backbone(embeds, positions, batch.attention_mask.to(device).bool(), cache)[:, -1]
+
+        # 4. One image token at a time: sample with the head, feed it back to the backbone.
+        tokens = torch.zeros(images, total, dim, device=device)
+        all_rows_valid = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+
+        def velocity(x, t, c):
+            return model.image_head(x.to(model.dtype), t, c).float()
+
+        for k in range(total):
+            cond = model.condition(hidden, k)
+            x = sample_token(
+                request.sampler, velocity, cond, head_noise[k], time_grid, branches, cfg[k], cfg_img[k]
+            )
+            if request.use_norm:
+                x = F.layer_norm(x, (dim,), eps=1e-6)
+            tokens[:, k] = x
+            if k == total - 1:
+                break
+            embed = model.image_in_projector(x.to(model.dtype)).repeat(branches, 1)[:, None]  # (rows, 1, hidden)
+            position = torch.tensor([prompt_len + k], device=device)
+            hidden = model.forward_backbone(embed, position, all_rows_valid, cache)[:, -1]
+            show = preview != "none" and (k + 1) % preview_every == 0
+            yield StreamEvent(k + 1, total, self.previewer(tokens, grid, preview) if show else None)
+
+        # 5. Decode the finished grid.
+        pictures = to_pil(decode_tokens(self.vae, tokens, grid, config.latent_patch_size))
+        parameters = dict(request.parameters(), seed=seed, model=self.name)
+        result = GenerationResult(pictures, tokens.float().cpu(), seed, parameters)
+        yield StreamEvent(total, total, None, result)
+
+    @staticmethod
+    def _guidance_per_token(request: GenerationRequest, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text and image guidance for each token: constant, or ``linear`` falling from the set
+        value at the first token towards 1 (NextStep-1's schedule)."""
+        k = torch.arange(total, dtype=torch.float64)
+        if request.cfg_schedule == "linear":
+            ramp = (total - k) / total
+            cfg = 1 + (request.cfg - 1) * ramp
+            cfg_img = 1 + (request.cfg_img - 1) * ramp
+        else:
+            cfg = torch.full((total,), request.cfg, dtype=torch.float64)
+            cfg_img = torch.full((total,), request.cfg_img, dtype=torch.float64)
+        return cfg.tolist(), cfg_img.tolist()

@@ -1,0 +1,92 @@
+"""Prompt rows for the guidance branches, image slots, and the token ids the backbone reads.
+
+Layout of one row: ``text [+ " " + positive]`` with any ``<image>`` replaced by
+``<|image_area|>h*w<|begin_of_image|>`` + one ``<|image_placeholder|>`` per token +
+``<|end_of_image|>``; rows are left-padded, then every row gets ``<|image_area|>h*w`` for the
+picture to generate and ``<|begin_of_image|>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+IMAGE_SLOT = "<image>"
+IMAGE_AREA = "<|image_area|>"
+BEGIN_OF_IMAGE = "<|begin_of_image|>"
+END_OF_IMAGE = "<|end_of_image|>"
+IMAGE_PLACEHOLDER = "<|image_placeholder|>"
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), padding_side="left")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer in {directory} defines no padding token")
+    return tokenizer
+
+
+def guidance_branches(cfg: float, cfg_img: float, has_image: bool) -> int:
+    """How many rows each image needs in the backbone batch.
+
+    1: the prompt alone. 2: prompt and negative prompt (text guidance). 3: prompt, image +
+    negative prompt, negative prompt alone (image and text guidance). ``cfg == 1`` with
+    ``cfg_img != 1`` still takes three rows: the guidance formula is well defined there.
+    """
+    if has_image and cfg_img != 1.0:
+        return 3
+    if cfg != 1.0:
+        return 2
+    return 1
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # (rows, L) int64, left padded, generation prefix included
+    attention_mask: torch.Tensor  # (rows, L) int64
+    images_needed: int  # how many encoded copies of the input image the rows' slots take
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, boi: int):
+        self.tokenizer = tokenizer
+        self.boi = boi
+
+    @staticmethod
+    def image_text(grid: tuple[int, int]) -> str:
+        h, w = grid
+        return f"{IMAGE_AREA}{h}*{w}{BEGIN_OF_IMAGE}" + IMAGE_PLACEHOLDER * (h * w) + END_OF_IMAGE
+
+    def rows(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        positive_prompt: str | None,
+        num_images: int,
+        branches: int,
+        image_grid: tuple[int, int] | None,
+    ) -> list[str]:
+        """Row texts, branch-major: ``num_images`` rows per branch, in guidance order."""
+        caption = prompt + (" " + positive_prompt if positive_prompt else "")
+        negative = negative_prompt or ""
+        if image_grid is not None:
+            caption = caption.replace(IMAGE_SLOT, self.image_text(image_grid), 1)
+        groups = [caption]
+        if branches == 3:
+            groups += [self.image_text(image_grid) + negative, negative]
+        elif branches == 2:
+            groups += [negative]
+        return [text for text in groups for _ in range(num_images)]
+
+    def encode(self, rows: list[str], grid: tuple[int, int]) -> PromptBatch:
+        """Tokenize rows (left padded) and append the prefix for an image of ``grid`` tokens."""
+        batch = self.tokenizer(rows, padding="longest", return_tensors="pt")
+        h, w = grid
+        prefix = self.tokenizer(f"{IMAGE_AREA}{h}*{w}", add_special_tokens=False)["input_ids"] + [self.boi]
+        prefix = torch.tensor(prefix, dtype=torch.long).expand(len(rows), -1)
+        input_ids = torch.cat([batch["input_ids"], prefix], dim=1)
+        attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(prefix)], dim=1)
+        images_needed = sum(IMAGE_PLACEHOLDER in row for row in rows)
+        return PromptBatch(input_ids, attention_mask, images_needed)

@@ -1,0 +1,48 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nextstep import NextStepPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+TINY = FIXTURES / "reference-tiny"
+
+
+def load_case(directory: Path, name: str):
+    """(arguments of the reference call, its tensors, its input image or None)."""
+    meta = json.loads((directory / f"{name}.json").read_text())
+    args = meta["args"]
+    image = Image.open(directory / args["images"]) if args.get("images") else None
+    return args, load_file(str(directory / f"{name}.safetensors")), image
+
+
+def api_kwargs(args: dict) -> dict:
+    """The reference's generate_image arguments as our public API's keywords."""
+    return dict(
+        negative_prompt=args["negative_prompt"],
+        positive_prompt=args["positive_prompt"],
+        hw=tuple(args["hw"]),
+        num_images=args["num_images_per_caption"],
+        cfg=args["cfg"],
+        cfg_img=args["cfg_img"],
+        cfg_schedule=args["cfg_schedule"],
+        timesteps_shift=args["timesteps_shift"],
+        num_sampling_steps=args["num_sampling_steps"],
+        use_norm=args["use_norm"],
+        seed=args["seed"],
+    )
+
+
+def images_as_array(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe() -> NextStepPipeline:
+    return NextStepPipeline.from_pretrained(TINY / "model", vae=TINY / "vae")

@@ -1,0 +1,66 @@
+"""Bad arguments raise ValueError with a message a user can act on."""
+
+import math
+
+import pytest
+from PIL import Image
+
+BAD = [
+    (dict(hw=(40, 64)), "multiples of 16"),
+    (dict(hw=(0, 64)), "height must be at least"),
+    (dict(hw=(64,)), "hw must be"),
+    (dict(hw=(64.5, 64)), "whole number"),
+    (dict(hw=(4096, 4096)), "positions"),
+    (dict(cfg=0.5), "cfg"),
+    (dict(cfg=math.nan), "finite"),
+    (dict(cfg="high"), "must be a number"),
+    (dict(cfg_img=0.0), "cfg_img"),
+    (dict(num_sampling_steps=0), "num_sampling_steps"),
+    (dict(num_images=0), "num_images"),
+    (dict(timesteps_shift=0.0), "timesteps_shift"),
+    (dict(cfg_schedule="cosine"), "cfg_schedule"),
+    (dict(sampler="euler"), "sampler"),
+    (dict(use_norm="yes"), "use_norm"),
+    (dict(seed=-1), "seed"),
+    (dict(negative_prompt=3), "negative_prompt"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD)
+def test_bad_arguments(tiny_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe.generate("a red circle", **kwargs)
+
+
+def test_prompt_must_be_text(tiny_pipe):
+    with pytest.raises(ValueError, match="prompt must be text"):
+        tiny_pipe.generate(None)
+
+
+def test_image_slot_without_image(tiny_pipe):
+    with pytest.raises(ValueError, match="no image was given"):
+        tiny_pipe.generate("<image>make it green", hw=(32, 32))
+
+
+def test_two_image_slots(tiny_pipe):
+    with pytest.raises(ValueError, match="at most one"):
+        tiny_pipe.generate("<image><image>make it green", Image.new("RGB", (32, 32)), hw=(32, 32))
+
+
+def test_image_not_a_picture(tiny_pipe):
+    with pytest.raises(ValueError, match="PIL image"):
+        tiny_pipe.generate("make it green", "picture.png", hw=(32, 32))
+
+
+def test_bad_preview_settings(tiny_pipe):
+    with pytest.raises(ValueError, match="preview must be"):
+        tiny_pipe.stream("a red circle", preview="slow")
+    with pytest.raises(ValueError, match="preview_every"):
+        tiny_pipe.stream("a red circle", preview_every=0)
+
+
+def test_any_image_mode_and_size_is_accepted(tiny_pipe):
+    """Input images are converted to RGB and resized + center-cropped to the requested size."""
+    for image in [Image.new("RGBA", (50, 90)), Image.new("L", (17, 17)), Image.new("P", (64, 32))]:
+        result = tiny_pipe.generate("make it green", image, hw=(32, 48), cfg=2.0, cfg_img=1.5, num_sampling_steps=2)
+        assert result.images[0].size == (48, 32)
