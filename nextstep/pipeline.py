@@ -130,6 +130,18 @@ class NextStepPipeline:
         return self.model.device
 
     @property
+    def family(self) -> str:
+        """Which reference behaviour this checkpoint follows."""
+        return "nextstep-1"
+
+    def default_settings(self) -> dict:
+        """Sampling settings the reference uses with this family, for UIs and the CLI to show."""
+        return dict(
+            num_sampling_steps=50, cfg=7.5, cfg_img=1.0, timesteps_shift=1.0,
+            cfg_schedule="constant", use_norm=True, sampler="v1",
+        )
+
+    @property
     def supports_images(self) -> bool:
         return self.config.image_placeholder_id is not None
 
