@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .families import detect_family, get_family
 from .hub import ModelNotFoundError, resolve_directory
 from .model import NextStepModel
 from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
 from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer
-from .sampling import SAMPLERS, noise_draws, sample_token, time_grid_v1
+from .sampling import CFG_SCHEDULES, SAMPLERS, guidance_schedule, noise_draws, sample_token, time_grid
 from .vae import AutoencoderKL
 
-CFG_SCHEDULES = ("constant", "linear")
 MAX_SEED = 2**63 - 1
 
 
@@ -41,7 +41,7 @@ class GenerationRequest:
     num_sampling_steps: int = 50
     use_norm: bool = True
     seed: int | None = 42
-    sampler: str = "v1"
+    sampler: str | None = None  # None: the model family's sampler
 
     def parameters(self) -> dict:
         """The request as JSON-ready values (without the image), to store beside results."""
@@ -91,28 +91,44 @@ def prepare_image(image: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
 
 
 class NextStepPipeline:
-    """A loaded NextStep model with its VAE and tokenizer; ``stream`` and ``generate`` sample images."""
+    """A loaded NextStep model with its VAE and tokenizer; ``stream`` and ``generate`` sample images.
 
-    def __init__(self, model: NextStepModel, vae: AutoencoderKL, tokenizer, name: str = "nextstep"):
+    ``family`` ("nextstep-1" or "nextstep-1.1") says which reference behaviour to follow; None
+    detects it from the checkpoint's config (see ``nextstep.families``).
+    """
+
+    def __init__(
+        self, model: NextStepModel, vae: AutoencoderKL, tokenizer, name: str = "nextstep", family: str | None = None
+    ):
         self.model = model
         self.vae = vae
         self.tokenizer = tokenizer
         self.name = name
         self.config = model.config
-        self.prompts = PromptBuilder(tokenizer, self.config.boi)
+        self._family = get_family(family or detect_family(self.config))
+        self.prompts = PromptBuilder(tokenizer, self.config.boi, bos_as_text=self._family.bos_as_text)
         self.previewer = Previewer(vae, self.config.latent_patch_size)
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path, vae: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        model: str | Path,
+        vae: str | Path | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        family: str | None = None,
     ) -> NextStepPipeline:
         """Load a model directory or Hub id; ``vae=None`` takes ``config.vae_name_or_path``
-        (relative to the model directory), else a ``vae/`` folder inside the model."""
+        (relative to the model directory), else a ``vae/`` folder inside the model (where
+        NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if family is not None:
+            get_family(family)  # refuse an unknown name before loading anything
         device = torch.device(device)
         model_dir = resolve_directory(model, "model")
         network = NextStepModel.from_directory(model_dir, device, dtype)
+        family = family or detect_family(network.config)
         vae_name = vae or network.config.vae_name_or_path
         if vae_name is not None:
             vae_dir = resolve_directory(vae_name, "VAE", relative_to=model_dir)
@@ -122,8 +138,8 @@ class NextStepPipeline:
             raise ModelNotFoundError(
                 f"no VAE for {model_dir}: pass vae=..., or set vae_name_or_path in its config.json"
             )
-        autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype)
-        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model))
+        autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=get_family(family).vae_defaults)
+        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=family)
 
     @property
     def device(self) -> torch.device:
@@ -131,15 +147,13 @@ class NextStepPipeline:
 
     @property
     def family(self) -> str:
-        """Which reference behaviour this checkpoint follows."""
-        return "nextstep-1"
+        """Which reference behaviour this checkpoint follows: "nextstep-1" or "nextstep-1.1"."""
+        return self._family.name
 
     def default_settings(self) -> dict:
-        """Sampling settings the reference uses with this family, for UIs and the CLI to show."""
-        return dict(
-            num_sampling_steps=50, cfg=7.5, cfg_img=1.0, timesteps_shift=1.0,
-            cfg_schedule="constant", use_norm=True, sampler="v1",
-        )
+        """Sampling settings the reference uses with this family, for UIs and the CLI to show:
+        num_sampling_steps, cfg, cfg_img, timesteps_shift, cfg_schedule, use_norm, sampler."""
+        return dict(self._family.defaults)
 
     @property
     def supports_images(self) -> bool:
@@ -200,6 +214,8 @@ class NextStepPipeline:
         request.num_sampling_steps = _number("num_sampling_steps", request.num_sampling_steps, minimum=1, integer=True)
         if request.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {request.cfg_schedule!r}")
+        if request.sampler is None:
+            request.sampler = self._family.defaults["sampler"]
         if request.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {request.sampler!r}")
         if not isinstance(request.use_norm, bool):
@@ -220,8 +236,12 @@ class NextStepPipeline:
                 raise ValueError("this model takes no input image (its config has no image_placeholder_id)")
         tokens = (request.hw[0] // step) * (request.hw[1] // step)
         table = self.config.gen_pos_embed_grid**2
-        if self.config.use_gen_pos_embed and tokens > table:
+        if self._uses_position_table and tokens > table:
             raise ValueError(f"this model supports at most {table} image tokens; {request.hw} needs {tokens}")
+
+    @property
+    def _uses_position_table(self) -> bool:
+        return self.config.use_gen_pos_embed and self._family.position_table
 
     # ---- the token loop ------------------------------------------------------------------
 
@@ -250,17 +270,23 @@ class NextStepPipeline:
                 f"{config.max_position_embeddings}: use a smaller size or a shorter prompt"
             )
 
-        # 2. Input image -> latents (the first random draw), then all flow-head noise.
-        image_latents = None
+        # 2. Input image -> posterior; all random draws, in the family's order; the input latents.
+        shapes = {"head": (total, noise_draws(request.sampler, request.num_sampling_steps), images, dim)}
         if has_image:
             pixels = prepare_image(request.image, request.hw).expand(batch.images_needed, -1, -1, -1)
             mean, std = self.vae.posterior(pixels.to(device))
-            noise = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
-            image_latents = self.vae.normalize(mean + std * noise)
-        draws = noise_draws(request.sampler, request.num_sampling_steps)
-        head_noise = torch.randn(total, draws, images, dim, generator=generator).to(device)
-        time_grid = time_grid_v1(request.num_sampling_steps, request.timesteps_shift).to(device)
-        cfg, cfg_img = self._guidance_per_token(request, total)
+            shapes["posterior"] = mean.shape
+        noise = {
+            name: torch.randn(shapes[name], generator=generator).to(device)
+            for name in self._family.draw_order
+            if name in shapes
+        }
+        image_latents = self.vae.normalize(mean + std * noise["posterior"].to(mean.dtype)) if has_image else None
+        head_noise = noise["head"]
+        grid_times = time_grid(request.sampler, request.num_sampling_steps, request.timesteps_shift).to(device)
+        cfg, cfg_img = guidance_schedule(
+            request.cfg, request.cfg_img, request.cfg_schedule, total, self._family.linear_ramp
+        )
 
         # 3. Prefill the cache with the prompt.
         cache = model.new_cache(len(rows), prompt_len + total)
@@ -276,9 +302,9 @@ class NextStepPipeline:
             return model.image_head(x.to(model.dtype), t, c).float()
 
         for k in range(total):
-            cond = model.condition(hidden, k)
+            cond = model.condition(hidden, k) if self._uses_position_table else model.image_out_projector(hidden)
             x = sample_token(
-                request.sampler, velocity, cond, head_noise[k], time_grid, branches, cfg[k], cfg_img[k]
+                request.sampler, velocity, cond, head_noise[k], grid_times, branches, cfg[k], cfg_img[k]
             )
             if request.use_norm:
                 x = F.layer_norm(x, (dim,), eps=1e-6)
@@ -293,20 +319,6 @@ class NextStepPipeline:
 
         # 5. Decode the finished grid.
         pictures = to_pil(decode_tokens(self.vae, tokens, grid, config.latent_patch_size))
-        parameters = dict(request.parameters(), seed=seed, model=self.name)
+        parameters = dict(request.parameters(), seed=seed, model=self.name, family=self.family)
         result = GenerationResult(pictures, tokens.float().cpu(), seed, parameters)
         yield StreamEvent(total, total, None, result)
-
-    @staticmethod
-    def _guidance_per_token(request: GenerationRequest, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text and image guidance for each token: constant, or ``linear`` falling from the set
-        value at the first token towards 1 (NextStep-1's schedule)."""
-        k = torch.arange(total, dtype=torch.float64)
-        if request.cfg_schedule == "linear":
-            ramp = (total - k) / total
-            cfg = 1 + (request.cfg - 1) * ramp
-            cfg_img = 1 + (request.cfg_img - 1) * ramp
-        else:
-            cfg = torch.full((total,), request.cfg, dtype=torch.float64)
-            cfg_img = torch.full((total,), request.cfg_img, dtype=torch.float64)
-        return cfg.tolist(), cfg_img.tolist()

@@ -4,6 +4,13 @@ Layout of one row: ``text [+ " " + positive]`` with any ``<image>`` replaced by
 ``<|image_area|>h*w<|begin_of_image|>`` + one ``<|image_placeholder|>`` per token +
 ``<|end_of_image|>``; rows are left-padded, then every row gets ``<|image_area|>h*w`` for the
 picture to generate and ``<|begin_of_image|>``.
+
+BOS: rows are tokenized with the tokenizer's own special tokens (NextStep-1). With
+``bos_as_text`` (NextStep-1.1) the tokenizer's BOS token, if it defines one, is also written
+in front of every row as text, as that reference does. Both references then drop the first id
+of the ``<|image_area|>h*w`` prefix on the assumption that the tokenizer added a BOS there; a
+tokenizer that defines a BOS without adding it would lose ``<|image_area|>`` that way, so we
+tokenize the prefix without special tokens instead (the same ids whenever the reference works).
 """
 
 from __future__ import annotations
@@ -50,9 +57,10 @@ class PromptBatch:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, boi: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, boi: int, bos_as_text: bool = False):
         self.tokenizer = tokenizer
         self.boi = boi
+        self.bos_text = tokenizer.bos_token if bos_as_text and tokenizer.bos_token is not None else ""
 
     @staticmethod
     def image_text(grid: tuple[int, int]) -> str:
@@ -82,7 +90,7 @@ class PromptBuilder:
 
     def encode(self, rows: list[str], grid: tuple[int, int]) -> PromptBatch:
         """Tokenize rows (left padded) and append the prefix for an image of ``grid`` tokens."""
-        batch = self.tokenizer(rows, padding="longest", return_tensors="pt")
+        batch = self.tokenizer([self.bos_text + row for row in rows], padding="longest", return_tensors="pt")
         h, w = grid
         prefix = self.tokenizer(f"{IMAGE_AREA}{h}*{w}", add_special_tokens=False)["input_ids"] + [self.boi]
         prefix = torch.tensor(prefix, dtype=torch.long).expand(len(rows), -1)
