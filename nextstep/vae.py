@@ -29,7 +29,8 @@ class VAEConfig:
     z_channels: int = 16
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
-    # encoder_norm: LayerNorm (no affine) of the posterior mean over each psz x psz patch of all channels.
+    # encoder_norm: LayerNorm (no affine) of the posterior mean over each psz x psz patch of all
+    # channels; skipped when psz is None, as the reference does.
     encoder_norm: bool = False
     psz: int | None = None
     # deterministic: the posterior has zero variance (the noise is still drawn, and multiplied by 0).
@@ -215,8 +216,8 @@ class AutoencoderKL(nn.Module):
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] (B, 3, H, W) -> posterior (mean, std), each (B, z, H/8, W/8)."""
         mean, logvar = self.encoder(pixels.to(self.dtype)).chunk(2, dim=1)
-        if self.config.encoder_norm:
-            patch = self.config.psz or 1
+        if self.config.encoder_norm and self.config.psz is not None:
+            patch = self.config.psz
             grid = (mean.shape[2] // patch, mean.shape[3] // patch)
             tokens = patchify(mean, patch)
             mean = unpatchify(F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6), grid, patch)

@@ -12,6 +12,7 @@ from nextstep import NextStepPipeline
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 TINY = FIXTURES / "reference-tiny"
+TINY11 = FIXTURES / "reference-tiny-11"
 
 
 def load_case(directory: Path, name: str):
@@ -46,3 +47,9 @@ def images_as_array(images) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def tiny_pipe() -> NextStepPipeline:
     return NextStepPipeline.from_pretrained(TINY / "model", vae=TINY / "vae")
+
+
+@pytest.fixture(scope="session")
+def tiny11_pipe() -> NextStepPipeline:
+    """The NextStep-1.1 layout as published: VAE bundled in ``model/vae``."""
+    return NextStepPipeline.from_pretrained(TINY11 / "model")

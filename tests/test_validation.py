@@ -5,6 +5,10 @@ import math
 import pytest
 from PIL import Image
 
+from nextstep import NextStepPipeline
+
+from .conftest import TINY
+
 BAD = [
     (dict(hw=(40, 64)), "multiples of 16"),
     (dict(hw=(0, 64)), "height must be at least"),
@@ -20,6 +24,7 @@ BAD = [
     (dict(timesteps_shift=0.0), "timesteps_shift"),
     (dict(cfg_schedule="cosine"), "cfg_schedule"),
     (dict(sampler="euler"), "sampler"),
+    (dict(sampler="SDE"), "sampler"),  # names are exact: the reference would silently run its ODE
     (dict(use_norm="yes"), "use_norm"),
     (dict(seed=-1), "seed"),
     (dict(negative_prompt=3), "negative_prompt"),
@@ -64,3 +69,8 @@ def test_any_image_mode_and_size_is_accepted(tiny_pipe):
     for image in [Image.new("RGBA", (50, 90)), Image.new("L", (17, 17)), Image.new("P", (64, 32))]:
         result = tiny_pipe.generate("make it green", image, hw=(32, 48), cfg=2.0, cfg_img=1.5, num_sampling_steps=2)
         assert result.images[0].size == (48, 32)
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="family must be one of"):
+        NextStepPipeline.from_pretrained(TINY / "model", vae=TINY / "vae", family="nextstep-2")
