@@ -1,0 +1,377 @@
+"""NextStep Studio: a Gradio page for NextStep-1 with live previews (Generate and Edit tabs).
+
+UI only: widgets, events and formatting. Loading, sizes, the shared-model lock, progress and
+PNG parameters live in ``nextstep.serving``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+try:  # On Hugging Face ZeroGPU Spaces; it must be imported before anything touches CUDA.
+    import spaces
+
+    on_gpu = spaces.GPU(duration=120)
+except ImportError:
+
+    def on_gpu(handler):
+        return handler
+
+
+import gradio as gr
+
+from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
+from nextstep.serving import (
+    MAX_UI_SEED,
+    SharedPipeline,
+    Size,
+    closest_size,
+    default_size,
+    describe,
+    draw_seed,
+    pick_device,
+    pick_dtype,
+    supported_sizes,
+    tile,
+)
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = "assets/nextstep-shapes"
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+MAX_QUEUE = 16  # requests waiting for the model; more are turned away with a message
+MODEL_QUEUE = "model"  # every event that runs a model shares one queue: one device, one generation at a time
+EDIT_NEGATIVE = "Copy original image."
+EDIT_SHIFT = 3.2
+EXAMPLE_PROMPTS = [
+    "a red circle on a white background",
+    "a blue square and a yellow triangle",
+    "two green circles above a purple square",
+]
+EXAMPLE_INSTRUCTIONS = ["Make the shape blue.", "Add a small red circle.", "Remove the background."]
+PREVIEW_MODES = [("Exact", "vae"), ("Fast", "fast"), ("Off", "none")]
+SCHEDULES = [("Constant", "constant"), ("Linear (falls to 1)", "linear")]
+NO_EDIT_MODEL = (
+    "No edit-capable model is loaded: this checkpoint takes no input image. "
+    "Start the app with `--edit-model` (for example `stepfun-ai/NextStep-1-Large-Edit`) to edit images."
+)
+
+
+@dataclass
+class Services:
+    """The loaded models as the page uses them; ``editor`` is None without an edit-capable model."""
+
+    generator: SharedPipeline
+    editor: SharedPipeline | None
+    vae: str | None = None
+
+
+def load_services(
+    model: str, edit_model: str | None, vae: str | None, device: str | None, dtype: str | None,
+    frame_interval: float = 0.25,
+) -> Services:
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    main = NextStepPipeline.from_pretrained(model, vae=vae, device=device, dtype=torch_dtype)
+    generator = SharedPipeline(main, frame_interval)
+    if edit_model and edit_model != model:
+        editing = NextStepPipeline.from_pretrained(edit_model, vae=vae, device=device, dtype=torch_dtype)
+        editor = SharedPipeline(editing, frame_interval)
+    else:
+        editor = generator if main.supports_images else None
+    return Services(generator, editor, vae)
+
+
+# ---- page pieces shared by both tabs ------------------------------------------------------
+
+
+@dataclass
+class Controls:
+    """The sampling widgets of one tab, in the order its handler takes them."""
+
+    negative_prompt: gr.Textbox
+    positive_prompt: gr.Textbox
+    size: gr.Dropdown
+    num_images: gr.Slider
+    cfg: gr.Slider
+    cfg_img: gr.Slider | None
+    steps: gr.Slider
+    shift: gr.Slider
+    schedule: gr.Radio
+    seed: gr.Number
+    randomize_seed: gr.Checkbox
+    preview: gr.Radio
+    preview_every: gr.Slider
+
+    def inputs(self) -> list:
+        widgets = [
+            self.negative_prompt, self.positive_prompt, self.size, self.num_images, self.cfg, self.cfg_img,
+            self.steps, self.shift, self.schedule, self.seed, self.randomize_seed, self.preview, self.preview_every,
+        ]
+        return [widget for widget in widgets if widget is not None]
+
+
+@dataclass
+class Results:
+    preview: gr.Image
+    gallery: gr.Gallery
+    status: gr.Markdown
+    parameters: gr.JSON
+    selected: gr.State  # index of the gallery image picked for "send to Edit" / "use as input"
+
+
+def sampling_controls(prefix: str, pipe: NextStepPipeline | None, sizes: list[Size], edit: bool) -> Controls:
+    defaults = pipe.default_settings() if pipe else {}
+    choices = [(size.label, size.value) for size in sizes]
+    with gr.Accordion("Settings", open=True):
+        size = gr.Dropdown(choices, value=default_size(sizes).value if sizes else None, label="Size (width × height)",
+                           elem_id=f"{prefix}-size")
+        num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
+        with gr.Row():
+            cfg = gr.Slider(1, 15, value=defaults.get("cfg", 7.5), step=0.1, label="Text guidance",
+                            info="How strongly the image follows the text")
+            cfg_img = gr.Slider(1, 10, value=2.0, step=0.1, label="Image guidance",
+                                info="How strongly the result keeps the input image") if edit else None
+        with gr.Row():
+            steps = gr.Slider(1, 100, value=defaults.get("num_sampling_steps", 50), step=1,
+                              label="Sampling steps per token", elem_id=f"{prefix}-steps")
+            shift = gr.Slider(0.1, 10, value=EDIT_SHIFT if edit else defaults.get("timesteps_shift", 1.0), step=0.1,
+                              label="Time shift")
+        schedule = gr.Radio(SCHEDULES, value=defaults.get("cfg_schedule", "constant"), label="Guidance schedule")
+        with gr.Row():
+            seed = gr.Number(value=0, minimum=0, maximum=MAX_UI_SEED, precision=0, label="Seed")
+            randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
+        with gr.Row():
+            preview = gr.Radio(PREVIEW_MODES, value="vae", label="Live preview",
+                               info="Exact runs the VAE decoder; Fast is a nearly free colour map")
+            preview_every = gr.Slider(1, 64, value=8, step=1, label="Preview every N tokens")
+    with gr.Accordion("Prompts", open=edit):
+        negative_prompt = gr.Textbox(value=EDIT_NEGATIVE if edit else "", label="Negative prompt",
+                                     placeholder="What the image should avoid")
+        positive_prompt = gr.Textbox("", label="Positive (style) prompt", placeholder="Appended to the prompt")
+    return Controls(negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps, shift, schedule,
+                    seed, randomize_seed, preview, preview_every)
+
+
+def result_panel(prefix: str) -> Results:
+    preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=360,
+                       elem_id=f"{prefix}-preview")
+    status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
+    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=2, height=300,
+                         interactive=False, elem_id=f"{prefix}-gallery")
+    with gr.Accordion("Parameters of these results", open=False):
+        parameters = gr.JSON(label="Parameters", elem_id=f"{prefix}-parameters")
+    selected = gr.State(0)
+    gallery.select(remember_selection, None, selected, api_visibility="private")
+    return Results(preview, gallery, status, parameters, selected)
+
+
+def remember_selection(event: gr.SelectData) -> int:
+    return event.index
+
+
+def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        run = gr.Button(label, variant="primary", interactive=enabled, elem_id=f"{prefix}-run")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+    return run, stop
+
+
+def stream_to_page(service: SharedPipeline, prompt: str, image, *, size: str, num_images: float, cfg: float,
+                   steps: float, shift: float, schedule: str, seed: float, randomize_seed: bool, preview: str,
+                   preview_every: float, negative_prompt: str, positive_prompt: str, cfg_img: float = 1.0):
+    """Yield (preview, gallery, status, parameters, seed) frames for one request."""
+    seed = draw_seed() if randomize_seed else int(seed)
+    try:
+        frames = service.stream(
+            prompt, image, hw=Size.parse(size).hw, num_images=int(num_images), cfg=cfg, cfg_img=cfg_img,
+            num_sampling_steps=int(steps), timesteps_shift=shift, cfg_schedule=schedule, seed=seed,
+            negative_prompt=negative_prompt or None, positive_prompt=positive_prompt or None,
+            preview=preview, preview_every=int(preview_every),
+        )
+        yield None, None, "Waiting for the model…", None, seed
+        for frame in frames:
+            if frame.result is not None:
+                images = frame.result.images
+                yield tile(images), images, frame.status(), frame.result.parameters, seed
+            else:
+                preview_frame = tile(frame.preview) if frame.preview else gr.skip()
+                yield preview_frame, gr.skip(), frame.status(), gr.skip(), gr.skip()
+    except ValueError as error:  # the pipeline's messages are written for users
+        raise gr.Error(str(error)) from None
+
+
+def picked_image(gallery: list | None, index: int):
+    """The gallery image picked for reuse (the first when none was clicked)."""
+    if not gallery:
+        raise gr.Error("Nothing to reuse yet: generate an image first.")
+    path, _caption = gallery[min(index, len(gallery) - 1)]
+    return path
+
+
+def model_panel(services: Services) -> None:
+    rows = [("Generate", services.generator.pipe)]
+    if services.editor is not None and services.editor is not services.generator:
+        rows.append(("Edit", services.editor.pipe))
+    lines = ["| Tab | Checkpoint | Device | dtype | Parameters |", "|---|---|---|---|---|"]
+    for tab, pipe in rows:
+        info = describe(pipe)
+        lines.append(f"| {tab} | `{info['checkpoint']}` | {info['device']} | {info['dtype']} | {info['parameters']} |")
+    if services.editor is services.generator:
+        lines.append("\nThe Edit tab uses the same model.")
+    if services.vae:
+        lines.append(f"\nVAE: `{services.vae}`")
+    with gr.Accordion("Model", open=False):
+        gr.Markdown("\n".join(lines), elem_id="model-panel")
+
+
+# ---- the page -----------------------------------------------------------------------------
+
+
+def build_demo(services: Services) -> gr.Blocks:
+    generator, editor = services.generator, services.editor
+    with gr.Blocks(title="NextStep Studio", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(
+            "# NextStep Studio\n"
+            "NextStep-1 paints an image one token at a time: watch the preview fill in, row by row."
+        )
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the image",
+                                            elem_id="generate-prompt")
+                        generate_button, generate_stop = run_buttons("generate", "Generate", True)
+                        generate_controls = sampling_controls("generate", generator.pipe,
+                                                              supported_sizes(generator.pipe), edit=False)
+                        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], cache_examples=False)
+                    with gr.Column(scale=3):
+                        generate_results = result_panel("generate")
+                        send_to_edit = gr.Button("Send to Edit", elem_id="send-to-edit", interactive=editor is not None)
+            with gr.Tab("Edit", id="edit"):
+                if editor is None:
+                    gr.Markdown(f"**{NO_EDIT_MODEL}**", elem_id="edit-unavailable")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        input_image = gr.Image(label="Input image", type="pil",
+                                               sources=["upload", "clipboard", "webcam"], height=280,
+                                               elem_id="edit-image")
+                        instruction = gr.Textbox(label="Instruction", lines=2, placeholder="What to change",
+                                                 elem_id="edit-instruction")
+                        edit_button, edit_stop = run_buttons("edit", "Edit", editor is not None)
+                        edit_sizes = supported_sizes(editor.pipe, input_images=1) if editor else []
+                        edit_controls = sampling_controls("edit", editor.pipe if editor else None, edit_sizes,
+                                                          edit=True)
+                        example_images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix in (".png", ".jpg"))
+                        if example_images:
+                            gr.Examples([[str(p), i] for p, i in zip(example_images, EXAMPLE_INSTRUCTIONS)],
+                                        inputs=[input_image, instruction], cache_examples=False)
+                    with gr.Column(scale=3):
+                        edit_results = result_panel("edit")
+                        use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
+        model_panel(services)
+
+        result_outputs = [generate_results.preview, generate_results.gallery, generate_results.status,
+                          generate_results.parameters, generate_controls.seed]
+
+        @on_gpu
+        def generate(prompt, negative_prompt, positive_prompt, size, num_images, cfg, steps, shift, schedule,
+                     seed, randomize_seed, preview, preview_every):
+            yield from stream_to_page(
+                generator, prompt, None, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
+                size=size, num_images=num_images, cfg=cfg, steps=steps, shift=shift, schedule=schedule, seed=seed,
+                randomize_seed=randomize_seed, preview=preview, preview_every=preview_every,
+            )
+
+        @on_gpu
+        def edit(image, instruction, negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps,
+                 shift, schedule, seed, randomize_seed, preview, preview_every):
+            if editor is None:
+                raise gr.Error(NO_EDIT_MODEL)
+            if image is None:
+                raise gr.Error("Add an input image first (upload, paste or take a photo).")
+            yield from stream_to_page(
+                editor, instruction, image, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
+                size=size, num_images=num_images, cfg=cfg, cfg_img=cfg_img, steps=steps, shift=shift,
+                schedule=schedule, seed=seed, randomize_seed=randomize_seed, preview=preview,
+                preview_every=preview_every,
+            )
+
+        generation = gr.on(
+            [generate_button.click, prompt.submit], generate, [prompt, *generate_controls.inputs()],
+            result_outputs, api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            show_progress="minimal", show_progress_on=[generate_results.status],
+        )
+        editing = gr.on(
+            [edit_button.click, instruction.submit], edit, [input_image, instruction, *edit_controls.inputs()],
+            [edit_results.preview, edit_results.gallery, edit_results.status, edit_results.parameters,
+             edit_controls.seed],
+            api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            show_progress="minimal", show_progress_on=[edit_results.status],
+        )
+        for stop, event, results in ((generate_stop, generation, generate_results),
+                                     (edit_stop, editing, edit_results)):
+            stop.click(lambda: "Stopped.", None, results.status, cancels=[event], queue=False,
+                       api_visibility="private")
+
+        send_to_edit.click(lambda gallery, index: (picked_image(gallery, index), gr.Tabs(selected="edit")),
+                           [generate_results.gallery, generate_results.selected], [input_image, tabs],
+                           api_visibility="private")
+        use_as_input.click(picked_image, [edit_results.gallery, edit_results.selected], input_image,
+                           api_visibility="private")
+        if edit_sizes:
+            # A new input image picks the output size nearest to its aspect ratio.
+            input_image.change(
+                lambda image: closest_size(*image.size, edit_sizes).value if image else gr.skip(),
+                input_image, edit_controls.size, api_visibility="private",
+            )
+    demo.queue(max_size=MAX_QUEUE)
+    return demo
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="Serve NextStep Studio, a Gradio page for NextStep-1.")
+    parser.add_argument("--model", default=env("NEXTSTEP_MODEL"),
+                        help=f"model directory or Hub id [env NEXTSTEP_MODEL; default {DEFAULT_MODEL}]")
+    parser.add_argument("--edit-model", default=env("NEXTSTEP_EDIT_MODEL"),
+                        help="model for the Edit tab [env NEXTSTEP_EDIT_MODEL; default: --model if it takes images]")
+    parser.add_argument("--vae", default=env("NEXTSTEP_VAE"),
+                        help="VAE directory or Hub id [env NEXTSTEP_VAE; default: the model's own]")
+    parser.add_argument("--device", default=env("NEXTSTEP_DEVICE"),
+                        help="cuda, cpu, cuda:1, … [env NEXTSTEP_DEVICE; default: cuda when available]")
+    parser.add_argument("--dtype", default=env("NEXTSTEP_DTYPE"), choices=["float32", "bfloat16", "float16"],
+                        help="[env NEXTSTEP_DTYPE; default: bfloat16 on GPU, float32 on CPU]")
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="[env GRADIO_SERVER_NAME; default 127.0.0.1]")
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
+                        help="[env GRADIO_SERVER_PORT; default 7860]")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        default = ROOT / DEFAULT_MODEL
+        if not default.is_dir():
+            parser.error(
+                f"the default model {DEFAULT_MODEL} is not in this checkout; "
+                "pass --model PATH_OR_HUB_ID (and --vae if the model names none), or set NEXTSTEP_MODEL"
+            )
+        args.model = str(default)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype)
+    except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
+        sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
+    build_demo(services).launch(server_name=args.host, server_port=args.port, max_file_size="20mb")
+
+
+if __name__ == "__main__":
+    main()

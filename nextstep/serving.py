@@ -1,0 +1,254 @@
+"""Serving one loaded pipeline to the many users of a web page or API.
+
+What a front end needs besides widgets: loading with device/dtype defaults, the sizes a model
+supports, one generation at a time on the shared model, progress throttled to a few frames per
+second with a status line, and generation parameters stored in the PNGs themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .pipeline import GenerationResult, NextStepPipeline, StreamEvent
+
+PARAMETERS_KEY = "parameters"  # PNG text chunk holding the generation parameters as JSON
+MAX_UI_SEED = 2**32 - 1  # browsers hold numbers as doubles: keep seeds exact in a page
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROMPT_RESERVE = 64  # positions kept free for the prompt when listing sizes
+
+# Aspect ratios offered (width, height) and the smallest area offered, as a fraction of the native one.
+ASPECTS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2))
+SIDES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+SMALLEST_AREA = 1 / 64
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def pick_device(name: str | None = None) -> str:
+    """The named device, else CUDA when available, else the CPU."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(name: str | None, device: str) -> torch.dtype:
+    """The named dtype, else bfloat16 on accelerators (half the memory) and float32 on the CPU."""
+    if not name:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def describe(pipe: NextStepPipeline) -> dict[str, str]:
+    """What a model panel shows: checkpoint, device, dtype and parameter count."""
+    count = sum(p.numel() for p in pipe.model.parameters()) + sum(p.numel() for p in pipe.vae.parameters())
+    return {
+        "checkpoint": pipe.name,
+        "family": pipe.family,
+        "device": str(pipe.device),
+        "dtype": str(pipe.model.dtype).removeprefix("torch."),
+        "parameters": human_count(count),
+    }
+
+
+def human_count(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+# ---- sizes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int
+    height: int
+
+    @property
+    def value(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def label(self) -> str:
+        divisor = math.gcd(self.width, self.height)
+        return f"{self.width} × {self.height} ({self.width // divisor}:{self.height // divisor})"
+
+    @classmethod
+    def parse(cls, value: str) -> Size:
+        """``"WIDTHxHEIGHT"`` -> Size; ValueError for anything else."""
+        try:
+            width, height = (int(side) for side in str(value).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"size must look like 256x256 (width x height), got {value!r}") from None
+        return cls(width, height)
+
+
+def supported_sizes(pipe: NextStepPipeline, input_images: int = 0) -> list[Size]:
+    """Sizes this model can sample, largest first: sides that are whole tokens, an area up to the
+    one it was trained at, and room in its position table for the output plus ``input_images``
+    inlined input images (editing inlines one at the output size)."""
+    config, step = pipe.config, pipe.down_factor
+    native_latent = getattr(config, "latent_size", None) or config.gen_pos_embed_grid * config.latent_patch_size
+    native_area = (native_latent * pipe.vae.config.downsample_factor) ** 2
+    position_budget = (config.max_position_embeddings - PROMPT_RESERVE) // (1 + input_images)
+    table_budget = config.gen_pos_embed_grid**2 if config.use_gen_pos_embed else math.inf
+    sizes = []
+    for width in SIDES:
+        for height in SIDES:
+            if _aspect(width, height) not in ASPECTS or width % step or height % step:
+                continue
+            tokens = (width // step) * (height // step)
+            fits = tokens <= position_budget and tokens <= table_budget
+            if fits and native_area * SMALLEST_AREA <= width * height <= native_area:
+                sizes.append(Size(width, height))
+    return sorted(sizes, key=lambda s: (-s.width * s.height, ASPECTS.index(_aspect(s.width, s.height))))
+
+
+def _aspect(width: int, height: int) -> tuple[int, int]:
+    divisor = math.gcd(width, height)
+    return (width // divisor, height // divisor)
+
+
+def default_size(sizes: list[Size]) -> Size:
+    """The largest square (the models are trained on squares), else the largest size."""
+    return next((s for s in sizes if s.width == s.height), sizes[0])
+
+
+def closest_size(width: int, height: int, sizes: list[Size]) -> Size:
+    """The largest size whose aspect ratio is nearest to width:height (for an input image)."""
+    return min(sizes, key=lambda s: (round(abs(math.log(s.width / s.height * height / width)), 3), -s.width * s.height))
+
+
+# ---- seeds, PNG parameters, previews ------------------------------------------------------
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(MAX_UI_SEED + 1)
+
+
+def with_parameters(image: Image.Image, parameters: dict) -> Image.Image:
+    """Attach parameters to an image; PNG writers (Gradio's included) store ``info`` text as tEXt chunks."""
+    image.info[PARAMETERS_KEY] = json.dumps(parameters, sort_keys=True)
+    return image
+
+
+def read_parameters(image: Image.Image | str | Path) -> dict | None:
+    """The parameters stored in a PNG by ``with_parameters``, or None."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            text = opened.info.get(PARAMETERS_KEY)
+    else:
+        text = image.info.get(PARAMETERS_KEY)
+    return json.loads(text) if text else None
+
+
+def tile(images: list[Image.Image]) -> Image.Image:
+    """Several same-sized pictures side by side in rows of two (one picture stays as it is)."""
+    if len(images) == 1:
+        return images[0]
+    width, height = images[0].size
+    columns = 2
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+# ---- progress and the shared model --------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """One frame for a front end: how far sampling is, maybe a preview, and at the end the result
+    (its images carry their parameters)."""
+
+    done: int
+    total: int
+    elapsed: float  # seconds since this generation got the model
+    preview: list[Image.Image] | None = None
+    result: GenerationResult | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def status(self) -> str:
+        if self.result is not None:
+            return (
+                f"Done: {self.total} tokens in {clock(self.elapsed)} ({self.rate:.1f} tokens/s) · "
+                f"seed {self.result.seed}"
+            )
+        eta = (self.total - self.done) / self.rate if self.rate else math.inf
+        eta_text = clock(eta) if math.isfinite(eta) else "…"
+        return (
+            f"Tokens {self.done}/{self.total} · {self.rate:.1f} tokens/s · "
+            f"elapsed {clock(self.elapsed)} · ETA {eta_text}"
+        )
+
+
+@dataclass
+class SharedPipeline:
+    """One pipeline used by many callers: a lock lends the model to one generation at a time,
+    and closing a stream (a cancelled request) gives it back at once.
+
+    Frames are throttled to one per ``frame_interval`` seconds, so a fast model does not flood
+    the browser; the latest preview is kept until it can be sent, and the result always is.
+    """
+
+    pipe: NextStepPipeline
+    frame_interval: float = 0.25
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def stream(self, prompt: str, image: Image.Image | None = None, **settings) -> Iterator[Progress]:
+        """Validate now (ValueError with a readable message), then wait for the model and sample."""
+        events = self.pipe.stream(prompt, image, **settings)
+        return self._frames(events)
+
+    # Successive steps of a generator may run on different threads: the decorator re-enters
+    # inference mode at every step, and a plain Lock may be released from any thread.
+    @torch.inference_mode()
+    def _frames(self, events: Iterator[StreamEvent]) -> Iterator[Progress]:
+        self._lock.acquire()
+        try:
+            start = time.monotonic()
+            last_frame = -math.inf
+            pending = None
+            for event in events:
+                now = time.monotonic()
+                pending = event.preview or pending
+                if event.result is not None:
+                    for image in event.result.images:
+                        with_parameters(image, event.result.parameters)
+                    yield Progress(event.done, event.total, now - start, result=event.result)
+                elif now - last_frame >= self.frame_interval:
+                    yield Progress(event.done, event.total, now - start, preview=pending)
+                    last_frame, pending = now, None
+        finally:
+            events.close()  # drop the KV cache and buffers before the next request takes the model
+            self._lock.release()
