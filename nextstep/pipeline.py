@@ -90,6 +90,24 @@ def prepare_image(image: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
     return ((pixels.permute(2, 0, 1).float() / 255 - 0.5) / 0.5)[None]
 
 
+def _vae_directory(model_dir: Path, requested: str | Path | None, configured: str | None) -> Path:
+    """The VAE asked for; else the one the config names; else the ``vae/`` folder bundled with
+    the model. A configured path that does not exist here (often a path on the machine the
+    checkpoint was made on) gives way to a bundled VAE."""
+    if requested is not None:
+        return resolve_directory(requested, "VAE", relative_to=model_dir)
+    bundled = model_dir / "vae"
+    if configured is not None:
+        try:
+            return resolve_directory(configured, "VAE", relative_to=model_dir)
+        except ModelNotFoundError:
+            if not bundled.is_dir():
+                raise
+    if bundled.is_dir():
+        return bundled
+    raise ModelNotFoundError(f"no VAE for {model_dir}: pass vae=..., or set vae_name_or_path in its config.json")
+
+
 class NextStepPipeline:
     """A loaded NextStep model with its VAE and tokenizer; ``stream`` and ``generate`` sample images.
 
@@ -120,7 +138,8 @@ class NextStepPipeline:
     ) -> NextStepPipeline:
         """Load a model directory or Hub id; ``vae=None`` takes ``config.vae_name_or_path``
         (relative to the model directory), else a ``vae/`` folder inside the model (where
-        NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config."""
+        NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config; VAE
+        config fields left out take that family's defaults."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         if family is not None:
@@ -129,15 +148,7 @@ class NextStepPipeline:
         model_dir = resolve_directory(model, "model")
         network = NextStepModel.from_directory(model_dir, device, dtype)
         family = family or detect_family(network.config)
-        vae_name = vae or network.config.vae_name_or_path
-        if vae_name is not None:
-            vae_dir = resolve_directory(vae_name, "VAE", relative_to=model_dir)
-        elif (model_dir / "vae").is_dir():
-            vae_dir = model_dir / "vae"
-        else:
-            raise ModelNotFoundError(
-                f"no VAE for {model_dir}: pass vae=..., or set vae_name_or_path in its config.json"
-            )
+        vae_dir = _vae_directory(model_dir, vae, network.config.vae_name_or_path)
         autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=get_family(family).vae_defaults)
         return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=family)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nextstep import NextStepPipeline
+from nextstep import ModelNotFoundError, NextStepPipeline
 from nextstep.families import FAMILIES
 from nextstep.pipeline import prepare_image
 from nextstep.prompts import PromptBuilder, guidance_branches, load_tokenizer
@@ -52,6 +52,8 @@ def test_default_settings_follow_the_family(tiny_pipe, tiny11_pipe):
     )
     tiny11_pipe.default_settings()["sampler"] = "changed"  # a copy: callers cannot alter the family
     assert tiny11_pipe.default_settings()["sampler"] == "sde"
+    # The settings are generate() keywords as they are.
+    assert tiny11_pipe.generate("a red circle", hw=(32, 32), **tiny11_pipe.default_settings()).images
 
 
 def test_family_override(tiny_pipe):
@@ -88,6 +90,18 @@ def test_missing_vae_fields_take_the_family_defaults(tmp_path):
     for family, expected in [(None, (True, True, 1)), ("nextstep-1", (False, False, None))]:
         config = NextStepPipeline.from_pretrained(model, family=family).vae.config
         assert (config.deterministic, config.encoder_norm, config.psz) == expected
+
+
+def test_bundled_vae_stands_in_for_a_configured_path_that_does_not_exist(tiny11_pipe, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(TINY11 / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, vae_name_or_path=str(tmp_path / "elsewhere"))))
+    pipe = NextStepPipeline.from_pretrained(model)
+    assert torch.equal(pipe.generate("a red circle", **SMALL).tokens, tiny11_pipe.generate("a red circle", **SMALL).tokens)
+    shutil.rmtree(model / "vae")
+    with pytest.raises(ModelNotFoundError, match="elsewhere"):
+        NextStepPipeline.from_pretrained(model)
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -236,3 +250,4 @@ def test_full_generation(tiny11_pipe, case):
     assert (result.tokens - ref["tokens"]).abs().max() <= TOKEN_TOL
     assert (images_as_array(result.images).int() - ref["image"].int()).abs().max() <= 1
     assert result.images[0].size == (args["hw"][1], args["hw"][0])
+
