@@ -53,7 +53,7 @@ EXAMPLE_PROMPTS = [
 ]
 EXAMPLE_INSTRUCTIONS = ["Make the shape blue.", "Add a small red circle.", "Remove the background."]
 PREVIEW_MODES = [("Exact", "vae"), ("Fast", "fast"), ("Off", "none")]
-SCHEDULES = [("Constant", "constant"), ("Linear (falls to 1)", "linear")]
+SCHEDULES = [("Constant", "constant"), ("Linear", "linear")]
 NO_EDIT_MODEL = (
     "No edit-capable model is loaded: this checkpoint takes no input image. "
     "Start the app with `--edit-model` (for example `stepfun-ai/NextStep-1-Large-Edit`) to edit images."
@@ -123,24 +123,24 @@ class Results:
     selected: gr.State  # index of the gallery image picked for "send to Edit" / "use as input"
 
 
-def sampling_controls(prefix: str, pipe: NextStepPipeline | None, sizes: list[Size], edit: bool) -> Controls:
-    defaults = pipe.default_settings() if pipe else {}
+def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], edit: bool) -> Controls:
+    defaults = pipe.default_settings()
     choices = [(size.label, size.value) for size in sizes]
     with gr.Accordion("Settings", open=True):
-        size = gr.Dropdown(choices, value=default_size(sizes).value if sizes else None, label="Size (width × height)",
+        size = gr.Dropdown(choices, value=default_size(sizes).value, label="Size (width × height)",
                            elem_id=f"{prefix}-size")
         num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
         with gr.Row():
-            cfg = gr.Slider(1, 15, value=defaults.get("cfg", 7.5), step=0.1, label="Text guidance",
+            cfg = gr.Slider(1, 15, value=defaults["cfg"], step=0.1, label="Text guidance",
                             info="How strongly the image follows the text")
             cfg_img = gr.Slider(1, 10, value=2.0, step=0.1, label="Image guidance",
                                 info="How strongly the result keeps the input image") if edit else None
         with gr.Row():
-            steps = gr.Slider(1, 100, value=defaults.get("num_sampling_steps", 50), step=1,
+            steps = gr.Slider(1, 100, value=defaults["num_sampling_steps"], step=1,
                               label="Sampling steps per token", elem_id=f"{prefix}-steps")
-            shift = gr.Slider(0.1, 10, value=EDIT_SHIFT if edit else defaults.get("timesteps_shift", 1.0), step=0.1,
+            shift = gr.Slider(0.1, 10, value=EDIT_SHIFT if edit else defaults["timesteps_shift"], step=0.1,
                               label="Time shift")
-        schedule = gr.Radio(SCHEDULES, value=defaults.get("cfg_schedule", "constant"), label="Guidance schedule")
+        schedule = gr.Radio(SCHEDULES, value=defaults["cfg_schedule"], label="Guidance schedule")
         with gr.Row():
             seed = gr.Number(value=0, minimum=0, maximum=MAX_UI_SEED, precision=0, label="Seed")
             randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
@@ -262,9 +262,10 @@ def build_demo(services: Services) -> gr.Blocks:
                         instruction = gr.Textbox(label="Instruction", lines=2, placeholder="What to change",
                                                  elem_id="edit-instruction")
                         edit_button, edit_stop = run_buttons("edit", "Edit", editor is not None)
-                        edit_sizes = supported_sizes(editor.pipe, input_images=1) if editor else []
-                        edit_controls = sampling_controls("edit", editor.pipe if editor else None, edit_sizes,
-                                                          edit=True)
+                        # Without an edit model the controls still show (disabled run button) for orientation.
+                        edit_pipe = (editor or generator).pipe
+                        edit_sizes = supported_sizes(edit_pipe, input_images=1)
+                        edit_controls = sampling_controls("edit", edit_pipe, edit_sizes, edit=True)
                         example_images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix in (".png", ".jpg"))
                         if example_images:
                             gr.Examples([[str(p), i] for p, i in zip(example_images, EXAMPLE_INSTRUCTIONS)],
@@ -322,12 +323,9 @@ def build_demo(services: Services) -> gr.Blocks:
                            api_visibility="private")
         use_as_input.click(picked_image, [edit_results.gallery, edit_results.selected], input_image,
                            api_visibility="private")
-        if edit_sizes:
-            # A new input image picks the output size nearest to its aspect ratio.
-            input_image.change(
-                lambda image: closest_size(*image.size, edit_sizes).value if image else gr.skip(),
-                input_image, edit_controls.size, api_visibility="private",
-            )
+        # A new input image picks the output size nearest to its aspect ratio.
+        input_image.change(lambda image: closest_size(*image.size, edit_sizes).value if image else gr.skip(),
+                           input_image, edit_controls.size, api_visibility="private")
     demo.queue(max_size=MAX_QUEUE)
     return demo
 

@@ -226,8 +226,9 @@ class SharedPipeline:
         return self._lock.locked()
 
     def stream(self, prompt: str, image: Image.Image | None = None, **settings) -> Iterator[Progress]:
-        """Validate now (ValueError with a readable message), then wait for the model and sample."""
-        events = self.pipe.stream(prompt, image, **settings)
+        """Validate now (ValueError with a readable message), then wait for the model and sample.
+        Settings not given take the model family's defaults (sampler, use_norm, …)."""
+        events = self.pipe.stream(prompt, image, **{**self.pipe.default_settings(), **settings})
         return self._frames(events)
 
     # Successive steps of a generator may run on different threads: the decorator re-enters

@@ -1,0 +1,268 @@
+"""The Gradio app through its API (gradio_client against a launched server) and its serving helpers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from nextstep.serving import SharedPipeline, Size, closest_size, read_parameters, supported_sizes
+
+from .conftest import ROOT, TINY
+
+INPUT_IMAGE = TINY / "input_edit.png"
+# 128x64 is 8x4 = 32 tokens on the tiny model: quick, non-square, and long enough for many previews.
+GENERATE = dict(
+    prompt="a red circle", negative_prompt="", positive_prompt="", size="128x64", num_images=1, cfg=3.0, steps=4,
+    shift=1.0, schedule="constant", seed=7, randomize_seed=False, preview="vae", preview_every=2,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tiny_services(frame_interval: float = 0.0) -> app.Services:
+    return app.load_services(str(TINY / "model"), None, str(TINY / "vae"), "cpu", "float32", frame_interval)
+
+
+@contextmanager
+def launched(services: app.Services):
+    """The app on a free local port; yields its URL."""
+    demo = app.build_demo(services)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def served():
+    services = tiny_services()
+    with launched(services) as url:
+        yield url, services
+
+
+@pytest.fixture
+def client(served) -> Client:
+    return Client(served[0], verbose=False)
+
+
+def run(client: Client, api_name: str, **inputs) -> tuple[list[str], tuple]:
+    """(preview files streamed before the final images, the final outputs)."""
+    job = client.submit(api_name=api_name, **inputs)
+    previews = []
+    for preview, gallery, *_ in job:
+        if isinstance(gallery, list) and gallery:
+            break
+        if isinstance(preview, str):
+            previews.append(preview)
+    return previews, job.outputs()[-1]
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def final_images(outputs: tuple) -> list[str]:
+    return [item["image"] for item in outputs[1]]
+
+
+# ---- through the API ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_generate_streams_previews_then_a_png_with_its_parameters(client):
+    previews, outputs = run(client, "/generate", **GENERATE)
+    distinct = {pixels(path).tobytes() for path in previews}
+    assert len(distinct) >= 3, "the preview should change several times before the final image"
+    [final] = final_images(outputs)
+    image = Image.open(final)
+    assert image.format == "PNG" and image.size == (128, 64)
+    stored = read_parameters(final)
+    assert stored["prompt"] == "a red circle" and stored["seed"] == 7
+    assert stored["hw"] == [64, 128] and stored["num_sampling_steps"] == 4 and stored["cfg"] == 3.0
+    _, _, status, shown, seed = outputs
+    assert shown == stored, "the page shows the parameters the PNG carries"
+    assert seed == 7 and status.startswith("Done") and "tokens/s" in status
+
+
+@pytest.mark.slow
+def test_status_line_reports_progress(client):
+    statuses = [status for _, _, status, *_ in client.submit(api_name="/generate", **GENERATE)]
+    progress = [s for s in statuses if isinstance(s, str) and s.startswith("Tokens")]
+    assert progress and all("/32" in s and "tokens/s" in s and "elapsed" in s and "ETA" in s for s in progress)
+
+
+@pytest.mark.slow
+def test_same_seed_same_image_other_seed_differs(client):
+    quick = dict(GENERATE, preview="none")
+    first = pixels(final_images(run(client, "/generate", **quick)[1])[0])
+    again = pixels(final_images(run(client, "/generate", **quick)[1])[0])
+    other = pixels(final_images(run(client, "/generate", **dict(quick, seed=8))[1])[0])
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.slow
+def test_randomized_seed_is_reported_and_reproduces(client):
+    _, outputs = run(client, "/generate", **dict(GENERATE, preview="none", randomize_seed=True, seed=0))
+    seed = outputs[4]
+    assert read_parameters(final_images(outputs)[0])["seed"] == seed
+    _, again = run(client, "/generate", **dict(GENERATE, preview="none", seed=seed))
+    assert np.array_equal(pixels(final_images(outputs)[0]), pixels(final_images(again)[0]))
+
+
+@pytest.mark.slow
+def test_several_images_per_request(client):
+    _, outputs = run(client, "/generate", **dict(GENERATE, size="64x64", num_images=2, preview="fast"))
+    images = final_images(outputs)
+    assert len(images) == 2 and all(Image.open(path).size == (64, 64) for path in images)
+    assert Image.open(outputs[0]).size == (128, 64), "the preview shows both pictures side by side"
+
+
+@pytest.mark.slow
+def test_edit_streams_previews_then_a_png_with_its_parameters(client):
+    inputs = dict(image=handle_file(str(INPUT_IMAGE)), instruction="Make it blue.", size="64x64", steps=4,
+                  seed=3, randomize_seed=False, preview_every=2)
+    previews, outputs = run(client, "/edit", **inputs)
+    assert len({pixels(path).tobytes() for path in previews}) >= 3
+    [final] = final_images(outputs)
+    assert Image.open(final).size == (64, 64)
+    stored = read_parameters(final)
+    assert stored["edit"] is True and stored["prompt"] == "Make it blue." and stored["seed"] == 3
+    # The Edit tab's defaults are the official editing settings.
+    assert stored["negative_prompt"] == "Copy original image." and stored["timesteps_shift"] == 3.2
+    assert stored["cfg_img"] == 2.0
+    again = final_images(run(client, "/edit", **dict(inputs, preview="none"))[1])[0]
+    assert np.array_equal(pixels(final), pixels(again))
+
+
+@pytest.mark.slow
+def test_edit_without_an_image_says_so(client):
+    with pytest.raises(AppError, match="input image"):
+        client.predict(image=None, instruction="Make it blue.", api_name="/edit")
+
+
+@pytest.mark.slow
+def test_pipeline_errors_reach_the_page_as_messages(client):
+    with pytest.raises(AppError, match="positions"):
+        client.predict(**dict(GENERATE, prompt="word " * 600), api_name="/generate")
+    # The failed request gave the model back.
+    assert final_images(run(client, "/generate", **dict(GENERATE, preview="none"))[1])
+
+
+@pytest.mark.slow
+def test_concurrent_requests_do_not_mix(served):
+    requests = [dict(GENERATE, size="64x64", seed=seed, preview="fast") for seed in (11, 12, 13)]
+    alone = [pixels(final_images(run(Client(served[0], verbose=False), "/generate", **r)[1])[0]) for r in requests]
+    jobs = [Client(served[0], verbose=False).submit(api_name="/generate", **r) for r in requests]
+    together = [pixels(final_images(job.result())[0]) for job in jobs]
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
+@pytest.mark.slow
+def test_stop_frees_the_model_within_a_second(served, client):
+    url, services = served
+    # 256x256 with 50 steps takes many seconds here; stop it as soon as it shows progress.
+    job = client.submit(api_name="/generate", **dict(GENERATE, size="256x256", steps=50, preview="fast"))
+    deadline = time.monotonic() + 60
+    while not any(isinstance(o[2], str) and o[2].startswith("Tokens") for o in job.outputs()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert services.generator.busy
+    job.cancel()
+    stopped = time.monotonic()
+    while services.generator.busy:
+        assert time.monotonic() - stopped < 1.0, "the model should be free within a second of Stop"
+        time.sleep(0.01)
+    assert not any(isinstance(o[1], list) and o[1] for o in job.outputs()), "no final image after Stop"
+    # The next request gets the model at once.
+    assert final_images(run(Client(url, verbose=False), "/generate", **dict(GENERATE, preview="none"))[1])
+
+
+@pytest.mark.slow
+def test_without_an_edit_model_the_edit_tab_explains():
+    services = tiny_services()
+    services.editor = None
+    with launched(services) as url:
+        page = Client(url, verbose=False)
+        with pytest.raises(AppError, match="--edit-model"):
+            page.predict(image=handle_file(str(INPUT_IMAGE)), instruction="Make it blue.", api_name="/edit")
+        assert "No edit-capable model" in str(page.config)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def test_missing_default_model_names_the_flag(monkeypatch, capsys):
+    monkeypatch.delenv("NEXTSTEP_MODEL", raising=False)
+    monkeypatch.setattr(app, "DEFAULT_MODEL", "assets/no-such-model")
+    with pytest.raises(SystemExit) as exit_:
+        app.parse_args([])
+    assert exit_.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_flags_have_environment_equivalents(monkeypatch):
+    monkeypatch.setenv("NEXTSTEP_MODEL", "some/model")
+    monkeypatch.setenv("NEXTSTEP_DTYPE", "bfloat16")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = app.parse_args([])
+    assert (args.model, args.dtype, args.port, args.host) == ("some/model", "bfloat16", 7999, "127.0.0.1")
+    assert app.parse_args(["--port", "8000"]).port == 8000
+
+
+def test_unloadable_model_is_a_message_not_a_traceback():
+    done = subprocess.run([sys.executable, "app.py", "--model", "/no/such/model"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--model" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- serving helpers ------------------------------------------------------------------------
+
+
+def test_sizes_come_from_the_model(tiny_pipe):
+    sizes = supported_sizes(tiny_pipe)
+    assert all(s.width % tiny_pipe.down_factor == 0 and s.height % tiny_pipe.down_factor == 0 for s in sizes)
+    assert Size(128, 64) in sizes and Size(64, 128) in sizes and Size(256, 256) in sizes
+    # Editing inlines the input image too, so it leaves room for fewer output tokens.
+    assert Size(256, 256) not in supported_sizes(tiny_pipe, input_images=1)
+    assert closest_size(640, 480, sizes) == Size(256, 192)
+    assert Size.parse("128x64").hw == (64, 128)
+
+
+def test_frames_are_throttled_and_the_result_always_arrives(tiny_pipe):
+    shared = SharedPipeline(tiny_pipe, frame_interval=60.0)
+    frames = list(shared.stream("a red circle", hw=(64, 64), num_sampling_steps=2, preview_every=1, seed=1))
+    assert len(frames) == 2 and frames[0].done == 1 and frames[-1].result is not None
+    assert read_parameters(frames[-1].result.images[0])["seed"] == 1
+
+
+def test_closing_a_stream_frees_the_model(tiny_pipe):
+    shared = SharedPipeline(tiny_pipe, frame_interval=0.0)
+    frames = shared.stream("a red circle", hw=(64, 64), num_sampling_steps=2, seed=1)
+    next(frames)
+    assert shared.busy
+    frames.close()
+    assert not shared.busy
+
+
+def test_invalid_settings_fail_before_taking_the_model(tiny_pipe):
+    shared = SharedPipeline(tiny_pipe)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        shared.stream("a red circle", hw=(60, 64))
+    assert not shared.busy
