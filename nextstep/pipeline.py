@@ -142,15 +142,14 @@ class NextStepPipeline:
         config fields left out take that family's defaults."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        if family is not None:
-            get_family(family)  # refuse an unknown name before loading anything
+        chosen = get_family(family) if family is not None else None  # an unknown name fails before loading
         device = torch.device(device)
         model_dir = resolve_directory(model, "model")
         network = NextStepModel.from_directory(model_dir, device, dtype)
-        family = family or detect_family(network.config)
+        chosen = chosen or get_family(detect_family(network.config))
         vae_dir = _vae_directory(model_dir, vae, network.config.vae_name_or_path)
-        autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=get_family(family).vae_defaults)
-        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=family)
+        autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=chosen.vae_defaults)
+        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=chosen.name)
 
     @property
     def device(self) -> torch.device:
@@ -281,7 +280,8 @@ class NextStepPipeline:
                 f"{config.max_position_embeddings}: use a smaller size or a shorter prompt"
             )
 
-        # 2. Input image -> posterior; all random draws, in the family's order; the input latents.
+        # 2. All random draws, in the order of the family's reference: the flow-head noise for
+        # every token, and the input image's posterior sample; then the input image's latents.
         shapes = {"head": (total, noise_draws(request.sampler, request.num_sampling_steps), images, dim)}
         if has_image:
             pixels = prepare_image(request.image, request.hw).expand(batch.images_needed, -1, -1, -1)
@@ -292,7 +292,9 @@ class NextStepPipeline:
             for name in self._family.draw_order
             if name in shapes
         }
-        image_latents = self.vae.normalize(mean + std * noise["posterior"].to(mean.dtype)) if has_image else None
+        image_latents = None
+        if has_image:
+            image_latents = self.vae.normalize(mean + std * noise["posterior"].to(mean.dtype))
         head_noise = noise["head"]
         grid_times = time_grid(request.sampler, request.num_sampling_steps, request.timesteps_shift).to(device)
         cfg, cfg_img = guidance_schedule(

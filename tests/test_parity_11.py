@@ -56,7 +56,7 @@ def test_default_settings_follow_the_family(tiny_pipe, tiny11_pipe):
     assert tiny11_pipe.generate("a red circle", hw=(32, 32), **tiny11_pipe.default_settings()).images
 
 
-def test_family_override(tiny_pipe):
+def test_family_override():
     as_11 = NextStepPipeline.from_pretrained(TINY / "model", vae=TINY / "vae", family="nextstep-1.1")
     assert as_11.family == "nextstep-1.1"
     assert as_11.default_settings()["sampler"] == "sde"
@@ -97,8 +97,8 @@ def test_bundled_vae_stands_in_for_a_configured_path_that_does_not_exist(tiny11_
     shutil.copytree(TINY11 / "model", model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(dict(config, vae_name_or_path=str(tmp_path / "elsewhere"))))
-    pipe = NextStepPipeline.from_pretrained(model)
-    assert torch.equal(pipe.generate("a red circle", **SMALL).tokens, tiny11_pipe.generate("a red circle", **SMALL).tokens)
+    tokens = NextStepPipeline.from_pretrained(model).generate("a red circle", **SMALL).tokens
+    assert torch.equal(tokens, tiny11_pipe.generate("a red circle", **SMALL).tokens)
     shutil.rmtree(model / "vae")
     with pytest.raises(ModelNotFoundError, match="elsewhere"):
         NextStepPipeline.from_pretrained(model)
@@ -136,12 +136,19 @@ def test_bos_is_written_as_text_for_nextstep_1_1_only():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_guidance_per_token_rises_as_the_reference(case):
+def test_guidance_per_token_as_the_reference(case):
     args = case_meta(case)["args"]
     tokens = (args["hw"][0] // 16) * (args["hw"][1] // 16)
     ramp = FAMILIES["nextstep-1.1"].linear_ramp
     cfg, cfg_img = guidance_schedule(args["cfg"], args["cfg_img"], args["cfg_schedule"], tokens, ramp)
     assert [list(pair) for pair in zip(cfg, cfg_img)] == case_meta(case)["cfg_per_token"]
+
+
+def test_linear_schedule_direction_follows_the_family():
+    falling, _ = guidance_schedule(3.0, 1.0, "linear", 4, FAMILIES["nextstep-1"].linear_ramp)
+    rising, _ = guidance_schedule(3.0, 1.0, "linear", 4, FAMILIES["nextstep-1.1"].linear_ramp)
+    assert falling == [3.0, 2.5, 2.0, 1.5]
+    assert rising == [1.5, 1.5, 2.0, 2.5]
 
 
 # ---- components ----------------------------------------------------------------------------
