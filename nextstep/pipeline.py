@@ -193,7 +193,9 @@ class NextStepPipeline:
         **kwargs,
     ) -> Iterator[StreamEvent]:
         """Yield one event per sampled token; previews every ``preview_every`` tokens; the
-        last event carries the result. Closing the generator stops sampling."""
+        last event carries the result. Closing the generator stops sampling.
+
+        Settings are ``GenerationRequest``'s fields; ``sampler=None`` takes the family's sampler."""
         request = GenerationRequest(prompt=prompt, image=image, **kwargs)
         self.validate(request)
         if preview not in PREVIEW_MODES:
