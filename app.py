@@ -54,6 +54,8 @@ EXAMPLE_PROMPTS = [
 EXAMPLE_INSTRUCTIONS = ["Make the shape blue.", "Add a small red circle.", "Remove the background."]
 PREVIEW_MODES = [("Exact", "vae"), ("Fast", "fast"), ("Off", "none")]
 SCHEDULES = [("Constant", "constant"), ("Linear", "linear")]
+# Small images fill the preview box, with crisp pixels rather than a blur.
+CSS = ".live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 NO_EDIT_MODEL = (
     "No edit-capable model is loaded: this checkpoint takes no input image. "
     "Start the app with `--edit-model` (for example `stepfun-ai/NextStep-1-Large-Edit`) to edit images."
@@ -158,9 +160,9 @@ def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], ed
 
 def result_panel(prefix: str) -> Results:
     preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=360,
-                       elem_id=f"{prefix}-preview")
+                       elem_id=f"{prefix}-preview", elem_classes=["live-preview"])
     status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
-    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=2, height=300,
+    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False, object_fit="contain",
                          interactive=False, elem_id=f"{prefix}-gallery")
     with gr.Accordion("Parameters of these results", open=False):
         parameters = gr.JSON(label="Parameters", elem_id=f"{prefix}-parameters")
@@ -330,6 +332,11 @@ def build_demo(services: Services) -> gr.Blocks:
     return demo
 
 
+def serve(demo: gr.Blocks, host: str, port: int, **options):
+    """Launch with the page's styling and upload limit; returns what ``Blocks.launch`` does."""
+    return demo.launch(server_name=host, server_port=port, max_file_size="20mb", css=CSS, **options)
+
+
 # ---- command line -------------------------------------------------------------------------
 
 
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype)
     except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
         sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
-    build_demo(services).launch(server_name=args.host, server_port=args.port, max_file_size="20mb")
+    serve(build_demo(services), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def tiny_services(frame_interval: float = 0.0) -> app.Services:
 def launched(services: app.Services):
     """The app on a free local port; yields its URL."""
     demo = app.build_demo(services)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    _, url, _ = app.serve(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield url
     finally:

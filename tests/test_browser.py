@@ -1,0 +1,131 @@
+"""The page in a real browser: Debian's headless Chromium driven by Playwright (no browser download)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, sync_playwright
+
+from .conftest import TINY
+from .test_app import launched, tiny_services
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+# Collects every picture the live preview shows, however briefly (polling from the test would miss some).
+WATCH_PREVIEW = """prefix => {
+    window.previewSources = new Set();
+    setInterval(() => {
+        const image = document.querySelector(`#${prefix}-preview img`);
+        if (image && image.src) window.previewSources.add(image.src);
+    }, 20);
+}"""
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@contextmanager
+def chromium():
+    """Headless Chromium from the system package."""
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_page(browser, url: str) -> Page:
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    # The queue keeps a connection open, so wait for the app itself rather than for network idle.
+    page.wait_for_selector("#generate-prompt textarea", timeout=60_000)
+    return page
+
+
+def choose_size(page: Page, prefix: str, label: str) -> None:
+    page.click(f"#{prefix}-size input")
+    page.get_by_role("option", name=label).click()
+
+
+def set_slider(page: Page, elem_id: str, value: int) -> None:
+    number = page.locator(f"#{elem_id} input[type=number]")
+    number.fill(str(value))
+    number.press("Enter")
+    number.blur()
+
+
+def wait_for_result(page: Page, prefix: str, timeout: float = 120_000) -> None:
+    page.wait_for_selector(f"#{prefix}-gallery img", timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def url():
+    with launched(tiny_services(frame_interval=0.25)) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser, url):
+    page = open_page(browser, url)
+    yield page
+    page.close()
+
+
+def test_generate_shows_a_changing_preview_then_the_result(page, tmp_path):
+    choose_size(page, "generate", "128 × 128 (1:1)")
+    set_slider(page, "generate-steps", 30)
+    page.fill("#generate-prompt textarea", "a red circle on a white background")
+    page.evaluate(WATCH_PREVIEW, "generate")
+    page.click("#generate-run")
+    page.wait_for_function("window.previewSources.size >= 2", timeout=60_000)
+    page.screenshot(path=tmp_path / "generate-preview.png")
+    wait_for_result(page, "generate")
+    page.screenshot(path=tmp_path / "generate-result.png")
+    shown = page.evaluate("window.previewSources.size")
+    assert shown >= 4, f"the preview changed only {shown - 1} times"
+    assert page.locator("#generate-status").inner_text().startswith("Done")
+    page.click("text=Parameters of these results")
+    assert "a red circle on a white background" in page.locator("#generate-parameters").inner_text()
+
+
+def test_edit_an_uploaded_image(page, tmp_path):
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-image input[type=file]", str(TINY / "input_edit.png"))
+    page.wait_for_selector("#edit-image img", timeout=30_000)
+    choose_size(page, "edit", "64 × 64 (1:1)")
+    set_slider(page, "edit-steps", 4)
+    page.fill("#edit-instruction textarea", "Make the circle blue.")
+    page.click("#edit-run")
+    wait_for_result(page, "edit")
+    page.screenshot(path=tmp_path / "edit-result.png")
+    assert page.locator("#edit-status").inner_text().startswith("Done")
+
+
+def test_stop_ends_a_generation(page, tmp_path):
+    choose_size(page, "generate", "256 × 256 (1:1)")  # many seconds here: time to press Stop
+    page.fill("#generate-prompt textarea", "a blue square")
+    page.click("#generate-run")
+    page.wait_for_selector("#generate-preview img", timeout=60_000)
+    page.click("#generate-stop")
+    page.wait_for_function("document.querySelector('#generate-status').innerText.includes('Stopped')",
+                           timeout=10_000)
+    stopped = page.locator("#generate-preview img").get_attribute("src")
+    time.sleep(2)
+    page.screenshot(path=tmp_path / "stopped.png")
+    assert page.locator("#generate-preview img").get_attribute("src") == stopped, "previews kept coming"
+    assert page.locator("#generate-gallery img").count() == 0, "a result arrived after Stop"
+    assert "Stopped" in page.locator("#generate-status").inner_text()
