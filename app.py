@@ -162,8 +162,8 @@ def result_panel(prefix: str) -> Results:
     preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=360,
                        elem_id=f"{prefix}-preview", elem_classes=["live-preview"])
     status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
-    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False, object_fit="contain",
-                         interactive=False, elem_id=f"{prefix}-gallery")
+    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False,
+                         object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
     with gr.Accordion("Parameters of these results", open=False):
         parameters = gr.JSON(label="Parameters", elem_id=f"{prefix}-parameters")
     selected = gr.State(0)
@@ -218,10 +218,11 @@ def model_panel(services: Services) -> None:
     rows = [("Generate", services.generator.pipe)]
     if services.editor is not None and services.editor is not services.generator:
         rows.append(("Edit", services.editor.pipe))
-    lines = ["| Tab | Checkpoint | Device | dtype | Parameters |", "|---|---|---|---|---|"]
+    lines = ["| Tab | Checkpoint | Family | Device | dtype | Parameters |", "|---|---|---|---|---|---|"]
     for tab, pipe in rows:
         info = describe(pipe)
-        lines.append(f"| {tab} | `{info['checkpoint']}` | {info['device']} | {info['dtype']} | {info['parameters']} |")
+        lines.append(f"| {tab} | `{info['checkpoint']}` | {info['family']} | {info['device']} | {info['dtype']} "
+                     f"| {info['parameters']} |")
     if services.editor is services.generator:
         lines.append("\nThe Edit tab uses the same model.")
     if services.vae:
@@ -247,9 +248,9 @@ def build_demo(services: Services) -> gr.Blocks:
                         prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the image",
                                             elem_id="generate-prompt")
                         generate_button, generate_stop = run_buttons("generate", "Generate", True)
+                        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], cache_examples=False)
                         generate_controls = sampling_controls("generate", generator.pipe,
                                                               supported_sizes(generator.pipe), edit=False)
-                        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], cache_examples=False)
                     with gr.Column(scale=3):
                         generate_results = result_panel("generate")
                         send_to_edit = gr.Button("Send to Edit", elem_id="send-to-edit", interactive=editor is not None)
@@ -264,14 +265,14 @@ def build_demo(services: Services) -> gr.Blocks:
                         instruction = gr.Textbox(label="Instruction", lines=2, placeholder="What to change",
                                                  elem_id="edit-instruction")
                         edit_button, edit_stop = run_buttons("edit", "Edit", editor is not None)
-                        # Without an edit model the controls still show (disabled run button) for orientation.
-                        edit_pipe = (editor or generator).pipe
-                        edit_sizes = supported_sizes(edit_pipe, input_images=1)
-                        edit_controls = sampling_controls("edit", edit_pipe, edit_sizes, edit=True)
                         example_images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix in (".png", ".jpg"))
                         if example_images:
                             gr.Examples([[str(p), i] for p, i in zip(example_images, EXAMPLE_INSTRUCTIONS)],
                                         inputs=[input_image, instruction], cache_examples=False)
+                        # Without an edit model the controls still show (disabled run button) for orientation.
+                        edit_pipe = (editor or generator).pipe
+                        edit_sizes = supported_sizes(edit_pipe, input_images=1)
+                        edit_controls = sampling_controls("edit", edit_pipe, edit_sizes, edit=True)
                     with gr.Column(scale=3):
                         edit_results = result_panel("edit")
                         use_as_input = gr.Button("Use result as input", elem_id="use-as-input")

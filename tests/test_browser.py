@@ -100,6 +100,9 @@ def test_generate_shows_a_changing_preview_then_the_result(page, tmp_path):
     assert page.locator("#generate-status").inner_text().startswith("Done")
     page.click("text=Parameters of these results")
     assert "a red circle on a white background" in page.locator("#generate-parameters").inner_text()
+    page.click("#send-to-edit")
+    page.wait_for_selector("#edit-image img", timeout=30_000)
+    assert page.get_by_role("tab", name="Edit").get_attribute("aria-selected") == "true"
 
 
 def test_edit_an_uploaded_image(page, tmp_path):
@@ -113,6 +116,12 @@ def test_edit_an_uploaded_image(page, tmp_path):
     wait_for_result(page, "edit")
     page.screenshot(path=tmp_path / "edit-result.png")
     assert page.locator("#edit-status").inner_text().startswith("Done")
+    uploaded = page.locator("#edit-image img").get_attribute("src")
+    page.click("#use-as-input")
+    page.wait_for_function(
+        "src => document.querySelector('#edit-image img')?.getAttribute('src') !== src", arg=uploaded,
+        timeout=30_000,
+    )
 
 
 def test_stop_ends_a_generation(page, tmp_path):
