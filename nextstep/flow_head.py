@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sampling import VelocityAt
+
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) times in [0, 1] -> (B, dim) features ``cat([cos(t f), sin(t f)])`` (cos first)."""
@@ -71,8 +73,11 @@ class VelocityNet(nn.Module):
         self.final_layer = FinalLayer(width, token_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+
+    def forward_embedded(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The velocity given the summed time and condition embedding y (B, width)."""
         x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
         for block in self.res_blocks:
             x = block(x, y)
         return self.final_layer(x, y)
@@ -87,3 +92,20 @@ class FlowMatchingHead(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, c)
+
+    def velocity_field(self, cond: torch.Tensor, times: torch.Tensor) -> VelocityAt:
+        """``v(x, i)``: the velocity at grid time ``times[i]`` for condition rows ``cond``.
+
+        The time embeddings of the whole grid and the condition embedding are computed once
+        here instead of at every evaluation: a token's sampling loop evaluates the same
+        condition at every grid time, and every token walks the same grid.
+        """
+        net = self.net
+        dtype = net.input_proj.weight.dtype
+        time_embeddings = net.time_embed(times)  # (steps, width)
+        cond_embedding = net.cond_embed(cond.to(dtype))  # (rows, width)
+
+        def velocity_at(x: torch.Tensor, i: int) -> torch.Tensor:
+            return net.forward_embedded(x.to(dtype), cond_embedding + time_embeddings[i]).float()
+
+        return velocity_at

@@ -313,14 +313,10 @@ class NextStepPipeline:
         tokens = torch.zeros(images, total, dim, device=device)
         all_rows_valid = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
 
-        def velocity(x, t, c):
-            return model.image_head(x.to(model.dtype), t, c).float()
-
         for k in range(total):
             cond = model.condition(hidden, k) if self._uses_position_table else model.image_out_projector(hidden)
-            x = sample_token(
-                request.sampler, velocity, cond, head_noise[k], grid_times, branches, cfg[k], cfg_img[k]
-            )
+            velocity_at = model.image_head.velocity_field(cond, grid_times)
+            x = sample_token(request.sampler, velocity_at, head_noise[k], grid_times, branches, cfg[k], cfg_img[k])
             if request.use_norm:
                 x = F.layer_norm(x, (dim,), eps=1e-6)
             tokens[:, k] = x

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, cond) -> v
+VelocityAt = Callable[[torch.Tensor, int], torch.Tensor]  # (x, grid index) -> v
 Ramp = Callable[[float, int, int], float]  # (guidance, token index, token count) -> this token's guidance
 
 # NextStep-1's sampler stops its shifted grid at 1 - LAST_STEP and ends with one plain Euler
@@ -142,20 +142,22 @@ def step_to(
 
 def sample_token(
     sampler: str,
-    velocity: Velocity,
-    cond: torch.Tensor,
+    velocity_at: VelocityAt,
     noise: torch.Tensor,
     grid: torch.Tensor,
     branches: int,
     cfg: torch.Tensor | float,
     cfg_img: torch.Tensor | float,
 ) -> torch.Tensor:
-    """Sample one token per image. cond: (branches*B, hidden); noise: (noise_draws, B, D);
-    grid: ``time_grid(sampler, ...)``."""
+    """Sample one token per image.
 
-    def guided_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v = velocity(torch.cat([x] * branches), t.expand(cond.shape[0]), cond)
-        return guide(v, branches, cfg, cfg_img)
+    velocity_at(x, i): branch-major rows (branches*B, D) at grid time ``grid[i]`` -> velocities
+    (``FlowMatchingHead.velocity_field``); noise: (noise_draws, B, D); grid: ``time_grid(sampler, ...)``;
+    cfg, cfg_img: floats, or (B, 1) tensors for per-image guidance.
+    """
+
+    def guided_velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        return guide(velocity_at(torch.cat([x] * branches), i), branches, cfg, cfg_img)
 
     if sampler == "v1":
         return _sample_v1(guided_velocity, noise, grid)
@@ -165,7 +167,7 @@ def sample_token(
     for i in range(steps):
         ti, tj = grid[i], grid[i + 1]
         eps = noise[i + 1] if stochastic else None  # ode draws only the start noise
-        x = step_to(sampler, x, guided_velocity(x, ti), ti, tj, eps, t_before_one)
+        x = step_to(sampler, x, guided_velocity(x, i), ti, tj, eps, t_before_one)
     return x
 
 
@@ -174,10 +176,10 @@ def _sample_v1(guided_velocity, noise: torch.Tensor, grid: torch.Tensor) -> torc
     steps = grid.shape[0]
     for i in range(steps - 1):
         t, dt = grid[i], grid[i + 1] - grid[i]
-        v = guided_velocity(x, t)
+        v = guided_velocity(x, i)
         # Euler-Maruyama on the score-based SDE, written in the reference's operation order
         # (the simplified forms (1+t)v - x and (tv - x)/(1-t) agree only to float rounding).
         score = (t * v - x) / ((1 - t) ** 2 - t * (-1) * (1 - t))
         drift = v + (1 - t) * score
         x = (x + drift * dt) + torch.sqrt(2 * (1 - t)) * (noise[i + 1] * torch.sqrt(dt))
-    return x + guided_velocity(x, grid[-1]) * LAST_STEP
+    return x + guided_velocity(x, steps - 1) * LAST_STEP
