@@ -25,6 +25,7 @@ except ImportError:
 import gradio as gr
 
 from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
+from nextstep.sampling import SAMPLERS
 from nextstep.serving import (
     MAX_UI_SEED,
     SharedPipeline,
@@ -103,6 +104,7 @@ class Controls:
     steps: gr.Slider
     shift: gr.Slider
     schedule: gr.Radio
+    sampler: gr.Dropdown
     seed: gr.Number
     randomize_seed: gr.Checkbox
     preview: gr.Radio
@@ -111,7 +113,8 @@ class Controls:
     def inputs(self) -> list:
         widgets = [
             self.negative_prompt, self.positive_prompt, self.size, self.num_images, self.cfg, self.cfg_img,
-            self.steps, self.shift, self.schedule, self.seed, self.randomize_seed, self.preview, self.preview_every,
+            self.steps, self.shift, self.schedule, self.sampler, self.seed, self.randomize_seed, self.preview,
+            self.preview_every,
         ]
         return [widget for widget in widgets if widget is not None]
 
@@ -142,7 +145,10 @@ def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], ed
                               label="Sampling steps per token", elem_id=f"{prefix}-steps")
             shift = gr.Slider(0.1, 10, value=EDIT_SHIFT if edit else defaults["timesteps_shift"], step=0.1,
                               label="Time shift")
-        schedule = gr.Radio(SCHEDULES, value=defaults["cfg_schedule"], label="Guidance schedule")
+        with gr.Row():
+            schedule = gr.Radio(SCHEDULES, value=defaults["cfg_schedule"], label="Guidance schedule")
+            sampler = gr.Dropdown(list(SAMPLERS), value=defaults["sampler"], label="Sampler",
+                                  info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")
         with gr.Row():
             seed = gr.Number(value=0, minimum=0, maximum=MAX_UI_SEED, precision=0, label="Seed")
             randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
@@ -155,7 +161,7 @@ def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], ed
                                      placeholder="What the image should avoid")
         positive_prompt = gr.Textbox("", label="Positive (style) prompt", placeholder="Appended to the prompt")
     return Controls(negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps, shift, schedule,
-                    seed, randomize_seed, preview, preview_every)
+                    sampler, seed, randomize_seed, preview, preview_every)
 
 
 def result_panel(prefix: str) -> Results:
@@ -183,14 +189,15 @@ def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.B
 
 
 def stream_to_page(service: SharedPipeline, prompt: str, image, *, size: str, num_images: float, cfg: float,
-                   steps: float, shift: float, schedule: str, seed: float, randomize_seed: bool, preview: str,
+                   steps: float, shift: float, schedule: str, sampler: str, seed: float, randomize_seed: bool,
+                   preview: str,
                    preview_every: float, negative_prompt: str, positive_prompt: str, cfg_img: float = 1.0):
     """Yield (preview, gallery, status, parameters, seed) frames for one request."""
     seed = draw_seed() if randomize_seed else int(seed)
     try:
         frames = service.stream(
             prompt, image, hw=Size.parse(size).hw, num_images=int(num_images), cfg=cfg, cfg_img=cfg_img,
-            num_sampling_steps=int(steps), timesteps_shift=shift, cfg_schedule=schedule, seed=seed,
+            num_sampling_steps=int(steps), timesteps_shift=shift, cfg_schedule=schedule, sampler=sampler, seed=seed,
             negative_prompt=negative_prompt or None, positive_prompt=positive_prompt or None,
             preview=preview, preview_every=int(preview_every),
         )
@@ -283,16 +290,17 @@ def build_demo(services: Services) -> gr.Blocks:
 
         @on_gpu
         def generate(prompt, negative_prompt, positive_prompt, size, num_images, cfg, steps, shift, schedule,
-                     seed, randomize_seed, preview, preview_every):
+                     sampler, seed, randomize_seed, preview, preview_every):
             yield from stream_to_page(
                 generator, prompt, None, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
-                size=size, num_images=num_images, cfg=cfg, steps=steps, shift=shift, schedule=schedule, seed=seed,
-                randomize_seed=randomize_seed, preview=preview, preview_every=preview_every,
+                size=size, num_images=num_images, cfg=cfg, steps=steps, shift=shift, schedule=schedule,
+                sampler=sampler, seed=seed, randomize_seed=randomize_seed, preview=preview,
+                preview_every=preview_every,
             )
 
         @on_gpu
         def edit(image, instruction, negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps,
-                 shift, schedule, seed, randomize_seed, preview, preview_every):
+                 shift, schedule, sampler, seed, randomize_seed, preview, preview_every):
             if editor is None:
                 raise gr.Error(NO_EDIT_MODEL)
             if image is None:
@@ -300,7 +308,7 @@ def build_demo(services: Services) -> gr.Blocks:
             yield from stream_to_page(
                 editor, instruction, image, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
                 size=size, num_images=num_images, cfg=cfg, cfg_img=cfg_img, steps=steps, shift=shift,
-                schedule=schedule, seed=seed, randomize_seed=randomize_seed, preview=preview,
+                schedule=schedule, sampler=sampler, seed=seed, randomize_seed=randomize_seed, preview=preview,
                 preview_every=preview_every,
             )
 

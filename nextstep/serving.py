@@ -85,9 +85,13 @@ class Size:
         return (self.height, self.width)
 
     @property
-    def label(self) -> str:
+    def aspect(self) -> tuple[int, int]:
         divisor = math.gcd(self.width, self.height)
-        return f"{self.width} × {self.height} ({self.width // divisor}:{self.height // divisor})"
+        return (self.width // divisor, self.height // divisor)
+
+    @property
+    def label(self) -> str:
+        return f"{self.width} × {self.height} ({self.aspect[0]}:{self.aspect[1]})"
 
     @classmethod
     def parse(cls, value: str) -> Size:
@@ -109,20 +113,14 @@ def supported_sizes(pipe: NextStepPipeline, input_images: int = 0) -> list[Size]
     position_budget = (config.max_position_embeddings - PROMPT_RESERVE) // (1 + input_images)
     table_budget = config.gen_pos_embed_grid**2 if config.use_gen_pos_embed else math.inf
     sizes = []
-    for width in SIDES:
-        for height in SIDES:
-            if _aspect(width, height) not in ASPECTS or width % step or height % step:
-                continue
-            tokens = (width // step) * (height // step)
-            fits = tokens <= position_budget and tokens <= table_budget
-            if fits and native_area * SMALLEST_AREA <= width * height <= native_area:
-                sizes.append(Size(width, height))
-    return sorted(sizes, key=lambda s: (-s.width * s.height, ASPECTS.index(_aspect(s.width, s.height))))
-
-
-def _aspect(width: int, height: int) -> tuple[int, int]:
-    divisor = math.gcd(width, height)
-    return (width // divisor, height // divisor)
+    for size in (Size(width, height) for width in SIDES for height in SIDES):
+        if size.aspect not in ASPECTS or size.width % step or size.height % step:
+            continue
+        tokens = (size.width // step) * (size.height // step)
+        fits = tokens <= position_budget and tokens <= table_budget
+        if fits and native_area * SMALLEST_AREA <= size.width * size.height <= native_area:
+            sizes.append(size)
+    return sorted(sizes, key=lambda s: (-s.width * s.height, ASPECTS.index(s.aspect)))
 
 
 def default_size(sizes: list[Size]) -> Size:
