@@ -169,7 +169,7 @@ def result_panel(prefix: str) -> Results:
                        elem_id=f"{prefix}-preview", elem_classes=["live-preview"])
     status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
     gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False,
-                         object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
+                         height=240, object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
     with gr.Accordion("Parameters of these results", open=False):
         parameters = gr.JSON(label="Parameters", elem_id=f"{prefix}-parameters")
     selected = gr.State(0)

@@ -42,6 +42,7 @@ def main() -> None:
             page.fill("#generate-prompt textarea", args.prompt)
             page.click("#generate-run")
             wait_for_result(page, "generate", timeout=600_000)
+            page.evaluate("window.scrollTo(0, 0)")
             shot = page.screenshot()
     finally:
         demo.close()
