@@ -16,10 +16,11 @@ from .config import NextStepConfig
 
 
 class StaticKVCache:
-    """Keys and values for every layer, allocated once for ``max_len`` positions.
+    """Keys and values for every layer, allocated once for ``max_len`` slots.
 
-    ``key_valid`` marks which cached positions hold real (non-padding) tokens of each row.
-    Positions are shared by all rows: as in the reference, left padding does not shift them.
+    ``key_valid`` marks which slots hold real (non-padding) tokens of each row. A slot is where a
+    token is stored; its rotary position is the caller's business (rows of a batch that were
+    padded to a common length keep their own positions).
     """
 
     def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype):
@@ -27,29 +28,47 @@ class StaticKVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
-        self.key_positions = torch.arange(max_len, device=device)
+        self.key_slots = torch.arange(max_len, device=device)
 
     @property
     def max_len(self) -> int:
         return self.key_valid.shape[1]
 
-    def mark(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Record which of the incoming ``positions`` are real tokens and return the attention mask.
+    def mark(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Record which of the incoming cache ``slots`` hold real tokens and return the attention mask.
 
         valid: (B, T) bool. Returns (B, 1, T, max_len) bool, True where a query may attend a key:
-        causal over real keys, and always the query's own position, so that padding rows stay
+        causal over real keys, and always the query's own slot, so that padding rows stay
         finite (their outputs are never used).
         """
-        self.key_valid[:, positions] = valid
-        causal = self.key_positions[None, :] <= positions[:, None]  # (T, max_len)
-        own = self.key_positions[None, :] == positions[:, None]
-        return ((causal & self.key_valid[:, None, :]) | own)[:, None]
+        self.key_valid[:, slots] = valid
+        return attention_mask(slots, self.key_slots, self.key_valid)
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, kv_heads, T, head_dim) at ``positions``; return the whole cache of ``layer``."""
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, kv_heads, T, head_dim) at ``slots``; return the whole cache of ``layer``."""
+        self.keys[layer].index_copy_(2, slots, k)
+        self.values[layer].index_copy_(2, slots, v)
         return self.keys[layer], self.values[layer]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows at ``rows`` (a request left the batch)."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+        self.key_valid = self.key_valid[rows]
+
+
+def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """(T,) query slots, (S,) key slots, (B, S) real keys -> (B, 1, T, S) bool: causal over real
+    keys, plus each query's own slot (so that rows of pure padding stay finite)."""
+    causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
+    own = key_slots[None, :] == query_slots[:, None]
+    return ((causal & key_valid[:, None, :]) | own)[:, None]
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Mask for a whole sequence without a cache: (B, T) real tokens -> (B, 1, T, T)."""
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    return attention_mask(slots, slots, valid)
 
 
 class Attention(nn.Module):
@@ -65,13 +84,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_attention_bias)
 
-    def forward(self, x, cos, sin, mask, positions, cache: StaticKVCache):
+    def forward(self, x, cos, sin, mask, slots, cache: StaticKVCache | None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = cache.update(self.layer_idx, positions, k, v)  # (B, nkv, max_len, hd)
+        if cache is not None:  # without a cache (training) the keys are just this sequence's
+            k, v = cache.update(self.layer_idx, slots, k, v)  # (B, nkv, max_len, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -86,6 +106,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, cos, sin, mask, positions, cache: StaticKVCache):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, cache)
+    def forward(self, x, cos, sin, mask, slots, cache: StaticKVCache | None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache)
         return h + self.mlp(self.post_attention_layernorm(h))

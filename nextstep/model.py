@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .backbone import DecoderLayer, StaticKVCache
+from .backbone import DecoderLayer, StaticKVCache, causal_mask
 from .config import NextStepConfig
 from .flow_head import FlowMatchingHead
 from .tokens import patchify
@@ -64,6 +64,22 @@ class NextStepModel(nn.Module):
         model._build_computed_buffers(device, keep_loaded="gen_pos_embed" in state)
         return model.eval()
 
+    @classmethod
+    def with_random_weights(cls, config: NextStepConfig, device="cpu", dtype=torch.float32, seed: int = 0):
+        """A model of ``config``'s shape with small random weights, allocated once on ``device``
+        in ``dtype`` (for speed measurements at real size without a checkpoint)."""
+        with torch.device("meta"):
+            model = cls(config).to(dtype)
+        model.to_empty(device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for name, parameter in model.named_parameters():
+            if name.endswith(("norm.weight", "in_ln.weight")):  # RMSNorm / LayerNorm gains
+                parameter.data.fill_(1.0)
+            else:
+                parameter.data.normal_(0.0, 0.02, generator=generator)
+        model._build_computed_buffers(device, keep_loaded=False)
+        return model.eval()
+
     def _build_computed_buffers(self, device, keep_loaded: bool) -> None:
         with torch.device(device):
             self.rotary_emb = LlamaRotaryEmbedding(self.config)
@@ -108,22 +124,31 @@ class NextStepModel(nn.Module):
         return embeds
 
     def forward_backbone(
-        self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cache: StaticKVCache
+        self,
+        embeds: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        cache: StaticKVCache | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the decoder over ``embeds`` (B, T, hidden) at ``positions`` (T,), filling ``cache``.
+        """Run the decoder over ``embeds`` (B, T, hidden) stored at cache ``slots`` (T,).
 
-        valid: (B, T) bool, False for padding. Returns the final-normed hidden states (B, T, hidden).
+        valid: (B, T) bool, False for padding. positions: (B, T) rotary positions, by default the
+        slots (as in the reference, left padding does not shift positions). Returns the
+        final-normed hidden states (B, T, hidden). ``cache=None`` (training) attends causally
+        within ``embeds`` alone and stores nothing.
         """
-        mask = cache.mark(positions, valid)
-        cos, sin = self.rotary_emb(embeds, positions[None])
+        mask = cache.mark(slots, valid) if cache is not None else causal_mask(valid)
+        cos, sin = self.rotary_emb(embeds, slots[None] if positions is None else positions)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, positions, cache)
+            x = layer(x, cos, sin, mask, slots, cache)
         return self.norm(x)
 
-    def condition(self, hidden: torch.Tensor, token_index: int) -> torch.Tensor:
-        """Flow-head condition for image token ``token_index`` from the last hidden state (B, hidden)."""
-        if self.config.use_gen_pos_embed:
+    def condition(self, hidden: torch.Tensor, token_index: int | None) -> torch.Tensor:
+        """Flow-head condition from the last hidden state (B, hidden) for image token
+        ``token_index``; None leaves the generation position table out whatever the config says."""
+        if token_index is not None and self.config.use_gen_pos_embed:
             hidden = hidden + self.gen_pos_embed[0, token_index]
         return self.image_out_projector(hidden)
 

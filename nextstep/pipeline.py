@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .decoding import BatchDecoder, DecodeJob
 from .families import detect_family, get_family
 from .hub import ModelNotFoundError, resolve_directory
 from .model import NextStepModel
 from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
 from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer
-from .sampling import CFG_SCHEDULES, SAMPLERS, guidance_schedule, noise_draws, sample_token, time_grid
+from .sampling import CFG_SCHEDULES, SAMPLERS, guidance_schedule, noise_draws, time_grid
 from .vae import AutoencoderKL
 
 MAX_SEED = 2**63 - 1
@@ -248,31 +248,31 @@ class NextStepPipeline:
                 raise ValueError("this model takes no input image (its config has no image_placeholder_id)")
         tokens = (request.hw[0] // step) * (request.hw[1] // step)
         table = self.config.gen_pos_embed_grid**2
-        if self._uses_position_table and tokens > table:
+        if self.uses_position_table and tokens > table:
             raise ValueError(f"this model supports at most {table} image tokens; {request.hw} needs {tokens}")
 
     @property
-    def _uses_position_table(self) -> bool:
+    def uses_position_table(self) -> bool:
         return self.config.use_gen_pos_embed and self._family.position_table
 
     # ---- the token loop ------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, request: GenerationRequest, preview_every: int, preview: str) -> Iterator[StreamEvent]:
-        model, config = self.model, self.config
-        device = self.device
+    def prepare(self, request: GenerationRequest) -> tuple[DecodeJob, int]:
+        """A validated request -> the job to decode (prompt rows, all its noise) and its seed."""
+        model, config, device = self.model, self.config, self.device
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
         generator = torch.Generator().manual_seed(seed)  # CPU, as the reference: same numbers on any device
         grid = (request.hw[0] // self.down_factor, request.hw[1] // self.down_factor)
         total = grid[0] * grid[1]
-        images, dim = request.num_images, config.token_dim
 
         # 1. Prompt rows for the guidance branches.
         has_image = request.image is not None
         branches = guidance_branches(request.cfg, request.cfg_img, has_image)
         prompt = request.prompt if not has_image or IMAGE_SLOT in request.prompt else IMAGE_SLOT + request.prompt
         rows = self.prompts.rows(
-            prompt, request.negative_prompt, request.positive_prompt, images, branches, grid if has_image else None
+            prompt, request.negative_prompt, request.positive_prompt, request.num_images, branches,
+            grid if has_image else None,
         )
         batch = self.prompts.encode(rows, grid)
         prompt_len = batch.input_ids.shape[1]
@@ -284,7 +284,8 @@ class NextStepPipeline:
 
         # 2. All random draws, in the order of the family's reference: the flow-head noise for
         # every token, and the input image's posterior sample; then the input image's latents.
-        shapes = {"head": (total, noise_draws(request.sampler, request.num_sampling_steps), images, dim)}
+        draws = noise_draws(request.sampler, request.num_sampling_steps)
+        shapes = {"head": (total, draws, request.num_images, config.token_dim)}
         if has_image:
             pixels = prepare_image(request.image, request.hw).expand(batch.images_needed, -1, -1, -1)
             mean, std = self.vae.posterior(pixels.to(device))
@@ -294,42 +295,49 @@ class NextStepPipeline:
             for name in self._family.draw_order
             if name in shapes
         }
-        image_latents = None
-        if has_image:
-            image_latents = self.vae.normalize(mean + std * noise["posterior"].to(mean.dtype))
-        head_noise = noise["head"]
-        grid_times = time_grid(request.sampler, request.num_sampling_steps, request.timesteps_shift).to(device)
+        image_latents = self.vae.normalize(mean + std * noise["posterior"].to(mean.dtype)) if has_image else None
         cfg, cfg_img = guidance_schedule(
             request.cfg, request.cfg_img, request.cfg_schedule, total, self._family.linear_ramp
         )
+        job = DecodeJob(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            image_latents=image_latents,
+            head_noise=noise["head"],
+            cfg=torch.tensor(cfg, dtype=torch.float32, device=device),
+            cfg_img=torch.tensor(cfg_img, dtype=torch.float32, device=device),
+            grid=grid,
+            branches=branches,
+            sampler=request.sampler,
+            time_grid=time_grid(request.sampler, request.num_sampling_steps, request.timesteps_shift).to(device),
+            use_norm=request.use_norm,
+            num_sampling_steps=request.num_sampling_steps,
+            timesteps_shift=request.timesteps_shift,
+        )
+        return job, seed
 
-        # 3. Prefill the cache with the prompt.
-        cache = model.new_cache(len(rows), prompt_len + total)
-        embeds = model.embed(batch.input_ids.to(device), image_latents)
-        positions = torch.arange(prompt_len, device=device)
-        hidden = model.forward_backbone(embeds, positions, batch.attention_mask.to(device).bool(), cache)[:, -1]
+    def decoder(self, jobs: list[DecodeJob]) -> BatchDecoder:
+        """Prefill ``jobs`` (sharing one batch key) and return their token loop."""
+        return BatchDecoder(self.model, jobs, self.uses_position_table)
 
-        # 4. One image token at a time: sample with the head, feed it back to the backbone.
-        tokens = torch.zeros(images, total, dim, device=device)
-        all_rows_valid = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+    @torch.inference_mode()
+    def preview(self, job: DecodeJob, mode: str) -> list[Image.Image]:
+        """The job's partly sampled grid as pictures; tokens not sampled yet are zero."""
+        return self.previewer(job.tokens, job.grid, mode)
 
-        for k in range(total):
-            cond = model.condition(hidden, k) if self._uses_position_table else model.image_out_projector(hidden)
-            velocity_at = model.image_head.velocity_field(cond, grid_times)
-            x = sample_token(request.sampler, velocity_at, head_noise[k], grid_times, branches, cfg[k], cfg_img[k])
-            if request.use_norm:
-                x = F.layer_norm(x, (dim,), eps=1e-6)
-            tokens[:, k] = x
-            if k == total - 1:
-                break
-            embed = model.image_in_projector(x.to(model.dtype)).repeat(branches, 1)[:, None]  # (rows, 1, hidden)
-            position = torch.tensor([prompt_len + k], device=device)
-            hidden = model.forward_backbone(embed, position, all_rows_valid, cache)[:, -1]
-            show = preview != "none" and (k + 1) % preview_every == 0
-            yield StreamEvent(k + 1, total, self.previewer(tokens, grid, preview) if show else None)
-
-        # 5. Decode the finished grid.
-        pictures = to_pil(decode_tokens(self.vae, tokens, grid, config.latent_patch_size))
+    @torch.inference_mode()
+    def finish(self, job: DecodeJob, request: GenerationRequest, seed: int) -> GenerationResult:
+        """Decode a finished job's tokens into the result."""
+        pictures = to_pil(decode_tokens(self.vae, job.tokens, job.grid, self.config.latent_patch_size))
         parameters = dict(request.parameters(), seed=seed, model=self.name, family=self.family)
-        result = GenerationResult(pictures, tokens.float().cpu(), seed, parameters)
-        yield StreamEvent(total, total, None, result)
+        return GenerationResult(pictures, job.tokens.float().cpu(), seed, parameters)
+
+    def _run(self, request: GenerationRequest, preview_every: int, preview: str) -> Iterator[StreamEvent]:
+        job, seed = self.prepare(request)
+        decoder = self.decoder([job])
+        while not decoder.finished:
+            k = decoder.step()
+            if k + 1 < job.total:
+                show = preview != "none" and (k + 1) % preview_every == 0
+                yield StreamEvent(k + 1, job.total, self.preview(job, preview) if show else None)
+        yield StreamEvent(job.total, job.total, None, self.finish(job, request, seed))
