@@ -173,24 +173,40 @@ def test_concurrent_requests_do_not_mix(served):
     assert all(np.array_equal(a, b) for a, b in zip(alone, together))
 
 
-@pytest.mark.slow
-def test_stop_frees_the_model_within_a_second(served, client):
-    url, services = served
-    # 256x256 with 50 steps takes many seconds here; stop it as soon as it shows progress.
+def start_long_generation(client: Client):
+    """A 256x256, 50-step generation (many seconds here), returned once it shows progress."""
     job = client.submit(api_name="/generate", **dict(GENERATE, size="256x256", steps=50, preview="fast"))
     deadline = time.monotonic() + 60
     while not any(isinstance(o[2], str) and o[2].startswith("Tokens") for o in job.outputs()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return job
+
+
+def got_result(job) -> bool:
+    return any(isinstance(o[1], list) and o[1] for o in job.outputs())
+
+
+@pytest.mark.slow
+def test_stop_frees_the_model_within_a_second(served, client):
+    _, services = served
+    job = start_long_generation(client)
     assert services.generator.busy
     job.cancel()
     stopped = time.monotonic()
     while services.generator.busy:
         assert time.monotonic() - stopped < 1.0, "the model should be free within a second of Stop"
         time.sleep(0.01)
-    assert not any(isinstance(o[1], list) and o[1] for o in job.outputs()), "no final image after Stop"
-    # The next request gets the model at once.
-    assert final_images(run(Client(url, verbose=False), "/generate", **dict(GENERATE, preview="none"))[1])
+    assert not got_result(job), "no final image after Stop"
+
+
+@pytest.mark.slow
+def test_stop_ends_only_that_request(served, client):
+    job = start_long_generation(client)
+    waiting = Client(served[0], verbose=False).submit(api_name="/generate", **dict(GENERATE, preview="none"))
+    job.cancel()
+    assert final_images(waiting.result(timeout=60)), "the request queued behind the stopped one completes"
+    assert not got_result(job)
 
 
 @pytest.mark.slow
