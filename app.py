@@ -127,6 +127,10 @@ class Results:
     parameters: gr.JSON
     selected: gr.State  # index of the gallery image picked for "send to Edit" / "use as input"
 
+    def outputs(self, seed: gr.Number) -> list:
+        """What a run updates, in the order ``stream_to_page`` yields it."""
+        return [self.preview, self.gallery, self.status, self.parameters, seed]
+
 
 def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], edit: bool) -> Controls:
     defaults = pipe.default_settings()
@@ -285,9 +289,6 @@ def build_demo(services: Services) -> gr.Blocks:
                         use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
         model_panel(services)
 
-        result_outputs = [generate_results.preview, generate_results.gallery, generate_results.status,
-                          generate_results.parameters, generate_controls.seed]
-
         @on_gpu
         def generate(prompt, negative_prompt, positive_prompt, size, num_images, cfg, steps, shift, schedule,
                      sampler, seed, randomize_seed, preview, preview_every):
@@ -314,14 +315,12 @@ def build_demo(services: Services) -> gr.Blocks:
 
         generation = gr.on(
             [generate_button.click, prompt.submit], generate, [prompt, *generate_controls.inputs()],
-            result_outputs, api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            generate_results.outputs(generate_controls.seed), api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
             show_progress="minimal", show_progress_on=[generate_results.status],
         )
         editing = gr.on(
             [edit_button.click, instruction.submit], edit, [input_image, instruction, *edit_controls.inputs()],
-            [edit_results.preview, edit_results.gallery, edit_results.status, edit_results.parameters,
-             edit_controls.seed],
-            api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+            edit_results.outputs(edit_controls.seed), api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
             show_progress="minimal", show_progress_on=[edit_results.status],
         )
         for stop, event, results in ((generate_stop, generation, generate_results),
