@@ -8,8 +8,10 @@ import sys
 import time
 from contextlib import contextmanager
 
+import gradio
 import numpy as np
 import pytest
+import yaml
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -282,3 +284,22 @@ def test_invalid_settings_fail_before_taking_the_model(tiny_pipe):
     with pytest.raises(ValueError, match="multiples of 16"):
         shared.stream("a red circle", hw=(60, 64))
     assert not shared.busy
+
+
+# ---- front page ------------------------------------------------------------------------------
+
+
+def test_readme_is_a_valid_spaces_card():
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    card = yaml.safe_load(text.split("---\n")[1])
+    assert card["sdk"] == "gradio" and card["sdk_version"] == gradio.__version__
+    assert (ROOT / card["app_file"]).is_file() and str(card["python_version"]).startswith("3.")
+    assert len(card["short_description"]) <= 60
+    assert (ROOT / "docs" / "screenshot.png").stat().st_size < 300_000
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("## Run the tests")[1].split("```bash\n")[1].split("\n```")[0]
+    assert command in (ROOT / ".ci" / "run").read_text()
