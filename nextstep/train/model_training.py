@@ -1,0 +1,169 @@
+"""Training a small NextStep from scratch on shapes-world captions and edits.
+
+Teacher forcing: the backbone reads the prompt row exactly as the pipeline builds it (left
+padded, the image-area prefix and ``<|begin_of_image|>``, edits with the input image inlined),
+then the target's image tokens; the hidden state before each image token conditions the flow
+head, trained on ``x_t = t x1 + (1 - t) x0`` (x0 noise, x1 the token) to predict ``x1 - x0``.
+Captions, instructions and guidance dropout are drawn afresh at every step; the latents of a
+fixed pool of training scenes are encoded once.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import NextStepConfig
+from ..model import NextStepModel
+from ..prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, PromptBuilder
+from ..tokens import patchify
+from ..vae import AutoencoderKL
+from .optim import make_optimizer
+from .vae_training import encode, to_pixels
+from .world import Edit, Scene, caption, random_edit, random_scene, render
+
+# Guidance dropout: text-to-image rows lose their caption; edit rows lose the instruction
+# (the image-only branch) or everything (the negative-only branch).
+DROP_CAPTION = 0.1
+DROP_INSTRUCTION = 0.1
+DROP_ALL = 0.05
+EDIT_SHARE = 0.5  # fraction of batches that are edits
+TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap next to the backbone
+
+
+def model_config(tokenizer, **sizes) -> NextStepConfig:
+    shape = dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=384,
+        fm_head_dim=192,
+        fm_head_layers=3,
+    )
+    shape.update(sizes)
+    return NextStepConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        attention_bias=True,
+        o_attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        latent_patch_size=2,
+        latent_channels=16,
+        boi=tokenizer.convert_tokens_to_ids(BEGIN_OF_IMAGE),
+        eoi=tokenizer.convert_tokens_to_ids(END_OF_IMAGE),
+        image_placeholder_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        pad_token_id=tokenizer.pad_token_id,
+        use_gen_pos_embed=True,  # tells the head which grid cell it is drawing
+        vae_name_or_path=None,
+        torch_dtype="float32",
+        **shape,
+    )
+
+
+@dataclass
+class ScenePool:
+    """Training scenes and edits with their latents, encoded once."""
+
+    scenes: list[Scene]
+    latents: torch.Tensor  # (N, 16, H/8, W/8)
+    edits: list[tuple[int, int, Edit]]  # (source index, target index, edit)
+
+
+@torch.no_grad()
+def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk: int = 32) -> ScenePool:
+    """``count`` training scenes, each with one edit whose result is also a training scene."""
+    rng = random.Random(seed)
+    scenes, edits = [], []
+    while len(scenes) < count:
+        scene = random_scene(rng, split="train")
+        edit = random_edit(scene, rng)
+        scenes.append(scene)
+        if edit.target.split == "train":
+            scenes.append(edit.target)
+            edits.append((len(scenes) - 2, len(scenes) - 1, edit))
+    chunks = []
+    for start in tqdm(range(0, len(scenes), chunk), desc="encode scenes", mininterval=2.0):
+        chunks.append(encode(vae, to_pixels([render(s, size) for s in scenes[start : start + chunk]])))
+    return ScenePool(scenes, torch.cat(chunks), edits)
+
+
+def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batch_size: int, edit: bool):
+    """Prompt rows, the input-image latents their slots take, and the target latents."""
+    rows, sources, targets = [], [], []
+    grid = (pool.latents.shape[2] // 2, pool.latents.shape[3] // 2)
+    for _ in range(batch_size):
+        if edit:
+            source, target, example = rng.choice(pool.edits)
+            draw = rng.random()
+            if draw < DROP_ALL:
+                rows.append("")
+            else:
+                rows.append(prompts.image_text(grid) + ("" if draw < DROP_ALL + DROP_INSTRUCTION else example.instruction))
+                sources.append(source)
+        else:
+            target = rng.randrange(len(pool.scenes))
+            rows.append("" if rng.random() < DROP_CAPTION else caption(pool.scenes[target], rng))
+        targets.append(target)
+    source_latents = pool.latents[sources] if sources else None
+    return prompts.encode(rows, grid), source_latents, pool.latents[targets]
+
+
+def flow_matching_loss(model: NextStepModel, batch, source_latents, target_latents, generator=None) -> torch.Tensor:
+    config = model.config
+    targets = patchify(target_latents, config.latent_patch_size)  # (B, N, D)
+    b, n, d = targets.shape
+    prompt = model.embed(batch.input_ids, source_latents)  # (B, L, hidden)
+    embeds = torch.cat([prompt, model.image_in_projector(targets[:, :-1])], dim=1)
+    length = prompt.shape[1]
+    valid = torch.cat([batch.attention_mask.bool(), torch.ones(b, n - 1, dtype=torch.bool)], dim=1)
+    hidden = model.forward_backbone(embeds, torch.arange(embeds.shape[1]), valid, cache=None)
+    cond = model.condition(hidden[:, length - 1 :], torch.arange(n))  # (B, N, hidden)
+    cond = cond.reshape(b * n, -1).repeat(TIMES_PER_TOKEN, 1)
+    x1 = targets.reshape(b * n, d).repeat(TIMES_PER_TOKEN, 1)
+    x0 = torch.randn(x1.shape, generator=generator)
+    t = torch.rand(x1.shape[0], generator=generator)
+    xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+    return F.mse_loss(model.image_head(xt, t, cond), x1 - x0)
+
+
+def train_model(
+    model: NextStepModel,
+    pool: ScenePool,
+    prompts: PromptBuilder,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1.5e-3,
+    seed: int = 0,
+    save_every: int = 250,
+    save=None,
+) -> list[float]:
+    """Train in place; ``save(model)`` writes a checkpoint every ``save_every`` steps and at the end."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer, schedule = make_optimizer(model.parameters(), lr, steps, weight_decay=0.01)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="nextstep", mininterval=2.0)
+    for step in bar:
+        edit = rng.random() < EDIT_SHARE
+        loss = flow_matching_loss(model, *make_batch(pool, prompts, rng, batch_size, edit), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        recent = sum(losses[-50:]) / len(losses[-50:])
+        bar.set_postfix(loss=f"{loss.item():.3f}", avg50=f"{recent:.3f}", kind="edit" if edit else "t2i")
+        if save is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+            save(model)
+    model.eval()
+    return losses

@@ -1,0 +1,89 @@
+"""Training code on toy sizes: the loss goes down and checkpoints load back into the pipeline."""
+
+import random
+
+import pytest
+import torch
+
+from nextstep import NextStepPipeline
+from nextstep.model import NextStepModel
+from nextstep.prompts import PromptBuilder
+from nextstep.train.model_training import build_pool, flow_matching_loss, make_batch, model_config, train_model
+from nextstep.train.sampling_defaults import read_defaults, write_defaults
+from nextstep.train.vae_training import train_vae
+from nextstep.train.vocab import build_tokenizer
+from nextstep.train.world import vocabulary
+from nextstep.vae import VAEConfig
+
+TOY_VAE = VAEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=0, encoder_norm=True, psz=2, deterministic=True)
+TOY_MODEL = dict(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    intermediate_size=64, fm_head_dim=32, fm_head_layers=1,
+)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("toy")
+    vae = train_vae(out / "vae", steps=2, batch_size=2, size=64, crop=32, config=TOY_VAE)
+    tokenizer = build_tokenizer(vocabulary())
+    pool = build_pool(vae, count=24, seed=0, size=32)
+    return out, vae, tokenizer, pool
+
+
+def test_tokenizer_keeps_the_layout_tokens(toy):
+    _, _, tokenizer, _ = toy
+    ids = tokenizer("a big red circle<|image_area|>8*8<|begin_of_image|>")["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens == ["a", "big", "red", "circle", "<|image_area|>", "8", "*", "8", "<|begin_of_image|>"]
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_cache_free_forward_matches_the_cached_one(toy):
+    _, _, tokenizer, pool = toy
+    torch.manual_seed(1)
+    model = NextStepModel(model_config(tokenizer, **TOY_MODEL)).eval()
+    batch, _, _ = make_batch(pool, PromptBuilder(tokenizer, model.config.boi), random.Random(0), 3, edit=False)
+    embeds = model.embed(batch.input_ids)
+    positions = torch.arange(embeds.shape[1])
+    valid = batch.attention_mask.bool()
+    with torch.no_grad():
+        cached = model.forward_backbone(embeds, positions, valid, model.new_cache(3, embeds.shape[1]))
+        plain = model.forward_backbone(embeds, positions, valid, cache=None)
+    torch.testing.assert_close(plain[valid], cached[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_steps_lower_the_loss_and_the_checkpoint_generates(toy, tmp_path):
+    out, _, tokenizer, pool = toy
+    torch.manual_seed(2)
+    config = model_config(tokenizer, **TOY_MODEL)
+    config.vae_name_or_path = str(out / "vae")
+    model = NextStepModel(config)
+    prompts = PromptBuilder(tokenizer, config.boi)
+
+    def held_out_loss():
+        rng, generator = random.Random(5), torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            return sum(
+                flow_matching_loss(model, *make_batch(pool, prompts, rng, 8, edit), generator=generator).item()
+                for edit in (False, True)
+            )
+
+    before = held_out_loss()
+    saved = []
+    train_model(model, pool, prompts, steps=40, batch_size=8, lr=3e-3, save_every=20, save=saved.append)
+    assert held_out_loss() < 0.8 * before
+    assert len(saved) == 2
+
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(str(tmp_path))
+    write_defaults(tmp_path, {"hw": [32, 32], "num_sampling_steps": 3}, {"hw": [32, 32]}, "test")
+    pipe = NextStepPipeline.from_pretrained(tmp_path)
+    settings = read_defaults(tmp_path)["text_to_image"]
+    assert pipe.generate("a red circle", seed=0, **settings).images[0].size == (32, 32)
+    wide = pipe.generate("a red circle", seed=0, **dict(settings, hw=(32, 64))).images[0]
+    assert wide.size == (64, 32)
+    edit = pipe.generate("make the background blue", wide.crop((0, 0, 32, 32)), seed=0,
+                         **dict(settings, cfg_img=2.0)).images[0]
+    assert edit.size == (32, 32)
