@@ -21,6 +21,11 @@ from .model import NextStepModel
 from .sampling import sample_token
 
 
+def batch_key(grid, sampler, num_sampling_steps, timesteps_shift, branches, use_norm) -> tuple:
+    """Jobs with equal keys can share one token loop."""
+    return (tuple(grid), sampler, num_sampling_steps, timesteps_shift, branches, use_norm)
+
+
 @dataclass(eq=False)  # identity: a job is one request, whatever its tensors hold
 class DecodeJob:
     """One request ready to decode: prompt rows, all of its noise and per-token guidance."""
@@ -54,8 +59,7 @@ class DecodeJob:
 
     @property
     def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one token loop."""
-        return (self.grid, self.sampler, self.num_sampling_steps, self.timesteps_shift, self.branches, self.use_norm)
+        return batch_key(self.grid, self.sampler, self.num_sampling_steps, self.timesteps_shift, self.branches, self.use_norm)
 
 
 class BatchDecoder:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,9 +11,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from .decoding import BatchDecoder, DecodeJob
+from .decoding import BatchDecoder, DecodeJob, batch_key
 from .families import detect_family, get_family
 from .hub import ModelNotFoundError, resolve_directory
+from .inputs import clean_text, load_image, number
 from .model import NextStepModel
 from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
 from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer
@@ -68,24 +68,10 @@ class StreamEvent:
     result: GenerationResult | None = None
 
 
-def _number(name: str, value, minimum: float | None = None, integer: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if integer and not float(value).is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
 def prepare_image(image: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
-    """Any PIL image -> RGB, resized and center-cropped to hw -> (1, 3, H, W) in [-1, 1]."""
-    rgb = ImageOps.exif_transpose(image).convert("RGB")
+    """An RGB image (``nextstep.inputs.load_image``), resized and center-cropped to hw -> (1, 3, H, W) in [-1, 1]."""
     height, width = hw
-    if rgb.size != (width, height):
-        rgb = ImageOps.fit(rgb, (width, height), method=Image.Resampling.BICUBIC)
+    rgb = image if image.size == (width, height) else ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return ((pixels.permute(2, 0, 1).float() / 255 - 0.5) / 0.5)[None]
 
@@ -198,32 +184,38 @@ class NextStepPipeline:
         Settings are ``GenerationRequest``'s fields; ``sampler=None`` takes the family's sampler."""
         request = GenerationRequest(prompt=prompt, image=image, **kwargs)
         self.validate(request)
-        if preview not in PREVIEW_MODES:
-            raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, got {preview!r}")
-        preview_every = _number("preview_every", preview_every, minimum=1, integer=True)
+        preview_every = self.check_preview(preview, preview_every)
         return self._run(request, preview_every, preview)
 
+    @staticmethod
+    def check_preview(preview: str, preview_every) -> int:
+        """Validate the preview settings; return ``preview_every`` as an int."""
+        if preview not in PREVIEW_MODES:
+            raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, got {preview!r}")
+        return number(preview_every, "preview_every", minimum=1, integer=True)
+
     def validate(self, request: GenerationRequest) -> None:
-        """Raise ValueError with a message a user understands; normalise numeric types in place."""
-        if not isinstance(request.prompt, str):
-            raise ValueError(f"prompt must be text, got {type(request.prompt).__name__}")
-        for name in ("negative_prompt", "positive_prompt"):
-            value = getattr(request, name)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be text, got {type(value).__name__}")
+        """Raise ValueError with a message a user understands; normalise the request in place
+        (numbers from numeric text, control characters out of prompts, images to RGB; see
+        ``nextstep.inputs``)."""
+        if request.prompt is None:
+            raise ValueError("prompt must be text, got None")
+        request.prompt = clean_text(request.prompt, "prompt")
+        request.negative_prompt = clean_text(request.negative_prompt, "negative_prompt")
+        request.positive_prompt = clean_text(request.positive_prompt, "positive_prompt")
         if not isinstance(request.hw, (tuple, list)) or len(request.hw) != 2:
             raise ValueError(f"hw must be (height, width), got {request.hw!r}")
         step = self.down_factor
-        request.hw = tuple(_number(side, v, minimum=step, integer=True) for side, v in zip(("height", "width"), request.hw))
+        request.hw = tuple(number(v, side, minimum=step, integer=True) for side, v in zip(("height", "width"), request.hw))
         if any(v % step for v in request.hw):
             raise ValueError(f"height and width must be multiples of {step}, got {request.hw[0]}x{request.hw[1]}")
-        request.num_images = _number("num_images", request.num_images, minimum=1, integer=True)
-        request.cfg = _number("cfg (text guidance)", request.cfg, minimum=1.0)
-        request.cfg_img = _number("cfg_img (image guidance)", request.cfg_img, minimum=1.0)
-        request.timesteps_shift = _number("timesteps_shift", request.timesteps_shift)
+        request.num_images = number(request.num_images, "num_images", minimum=1, integer=True)
+        request.cfg = number(request.cfg, "cfg (text guidance)", minimum=1.0)
+        request.cfg_img = number(request.cfg_img, "cfg_img (image guidance)", minimum=1.0)
+        request.timesteps_shift = number(request.timesteps_shift, "timesteps_shift")
         if request.timesteps_shift <= 0:
             raise ValueError(f"timesteps_shift must be greater than 0, got {request.timesteps_shift!r}")
-        request.num_sampling_steps = _number("num_sampling_steps", request.num_sampling_steps, minimum=1, integer=True)
+        request.num_sampling_steps = number(request.num_sampling_steps, "num_sampling_steps", minimum=1, integer=True)
         if request.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {request.cfg_schedule!r}")
         if request.sampler is None:
@@ -233,19 +225,16 @@ class NextStepPipeline:
         if not isinstance(request.use_norm, bool):
             raise ValueError(f"use_norm must be true or false, got {request.use_norm!r}")
         if request.seed is not None:
-            request.seed = _number("seed", request.seed, minimum=0, integer=True)
-            if request.seed > MAX_SEED:
-                raise ValueError(f"seed must be at most {MAX_SEED}, got {request.seed}")
+            request.seed = number(request.seed, "seed", minimum=0, maximum=MAX_SEED, integer=True)
         slots = request.prompt.count(IMAGE_SLOT)
         if slots > 1:
             raise ValueError(f"the prompt may hold at most one {IMAGE_SLOT} slot, it has {slots}")
         if request.image is None and slots:
             raise ValueError(f"the prompt has an {IMAGE_SLOT} slot but no image was given")
         if request.image is not None:
-            if not isinstance(request.image, Image.Image):
-                raise ValueError(f"image must be a PIL image, got {type(request.image).__name__}")
             if not self.supports_images:
                 raise ValueError("this model takes no input image (its config has no image_placeholder_id)")
+            request.image = load_image(request.image)
         tokens = (request.hw[0] // step) * (request.hw[1] // step)
         table = self.config.gen_pos_embed_grid**2
         if self.uses_position_table and tokens > table:
@@ -256,6 +245,14 @@ class NextStepPipeline:
         return self.config.use_gen_pos_embed and self._family.position_table
 
     # ---- the token loop ------------------------------------------------------------------
+
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """A validated request's ``DecodeJob.batch_key``, known before preparing it."""
+        grid = (request.hw[0] // self.down_factor, request.hw[1] // self.down_factor)
+        branches = guidance_branches(request.cfg, request.cfg_img, request.image is not None)
+        return batch_key(
+            grid, request.sampler, request.num_sampling_steps, request.timesteps_shift, branches, request.use_norm
+        )
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[DecodeJob, int]:

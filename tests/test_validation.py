@@ -52,9 +52,24 @@ def test_two_image_slots(tiny_pipe):
         tiny_pipe.generate("<image><image>make it green", Image.new("RGB", (32, 32)), hw=(32, 32))
 
 
-def test_image_not_a_picture(tiny_pipe):
-    with pytest.raises(ValueError, match="PIL image"):
-        tiny_pipe.generate("make it green", "picture.png", hw=(32, 32))
+def test_image_not_a_picture(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="could not open"):
+        tiny_pipe.generate("make it green", str(tmp_path / "picture.png"), hw=(32, 32))
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="could not be read as an image"):
+        tiny_pipe.generate("make it green", str(tmp_path / "notes.png"), hw=(32, 32))
+
+
+def test_numbers_given_as_text_are_read(tiny_pipe):
+    result = tiny_pipe.generate("a red circle", hw=("32", 32), cfg="2.5", num_sampling_steps="2", seed="7")
+    assert result.images[0].size == (32, 32) and result.seed == 7
+
+
+def test_control_characters_are_removed_from_prompts(tiny_pipe):
+    clean = tiny_pipe.generate("a red\x00 circle\x1b", hw=(32, 32), num_sampling_steps=2, seed=1)
+    plain = tiny_pipe.generate("a red circle", hw=(32, 32), num_sampling_steps=2, seed=1)
+    assert clean.parameters["prompt"] == "a red circle"
+    assert (clean.tokens == plain.tokens).all()
 
 
 def test_bad_preview_settings(tiny_pipe):

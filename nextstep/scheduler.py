@@ -1,0 +1,252 @@
+"""One model, many users: a worker thread that owns the pipeline and decodes compatible
+requests together.
+
+Requests wait in a bounded line. When the model is free the worker takes the oldest request and
+every waiting request that can share its token loop (same ``batch_key``), up to ``max_batch``
+images, and decodes them together; each keeps its own seed, prompt, guidance and preview
+stream, and gets the same result it would alone. A request that arrives while a batch runs
+waits for the next batch: joining mid-way would need its prompt prefilled beside rows that are
+already many tokens in, for a latency gain of one batch at most.
+
+Cancelling (Stop, a closed tab, a dropped connection, a time limit) removes a request from its
+batch at the next token; the others go on. Running out of device memory fails only the request
+that needed it: a batch that runs out is split and its requests retried one by one.
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .pipeline import GenerationRequest, NextStepPipeline, StreamEvent
+
+_POLL_SECONDS = 0.5  # how often a waiting reader checks that the worker is still alive
+_CANCELLED = object()  # ends a cancelled ticket's event stream
+
+
+class Busy(RuntimeError):
+    """The line of waiting requests is full."""
+
+
+class GenerationFailed(RuntimeError):
+    """A request could not be completed; the message is meant for the user."""
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in str(error) or "can't allocate memory" in str(error)
+    )
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted request: iterate it for its events; ``cancel()`` withdraws it."""
+
+    request: GenerationRequest
+    preview: str
+    preview_every: int
+    time_limit: float
+    submitted: float = field(default_factory=time.monotonic)
+    run_alone: bool = False  # after running out of memory in a batch
+    _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _scheduler: Scheduler | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        """Events until the result (or until cancelled); raises GenerationFailed if the request fails."""
+        while True:
+            try:
+                item = self._events.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if self.cancelled:
+                    return
+                if self._scheduler is not None and not self._scheduler.alive:
+                    raise GenerationFailed("the generation service stopped; please try again") from None
+                continue
+            if item is _CANCELLED:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.result is not None:
+                return
+
+    def _put(self, item: StreamEvent | BaseException | object) -> None:
+        self._events.put(item)
+
+
+class Scheduler:
+    """Owns ``pipe`` on a worker thread; ``submit`` from any thread."""
+
+    def __init__(
+        self, pipe: NextStepPipeline, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0
+    ):
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.time_limit = time_limit
+        self._waiting: deque[Ticket] = deque()
+        self._running = 0
+        self._condition = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="nextstep-scheduler", daemon=True)
+        self._worker.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
+    @property
+    def load(self) -> int:
+        """Requests waiting or running."""
+        with self._condition:
+            return len(self._waiting) + self._running
+
+    def submit(
+        self,
+        prompt: str,
+        image: Image.Image | None = None,
+        *,
+        preview: str = "vae",
+        preview_every: int = 8,
+        time_limit: float | None = None,
+        **settings,
+    ) -> Ticket:
+        """Validate (ValueError with a readable message) and queue a request (Busy when the line is full)."""
+        request = GenerationRequest(prompt=prompt, image=image, **settings)
+        self.pipe.validate(request)
+        preview_every = self.pipe.check_preview(preview, preview_every)
+        ticket = Ticket(request, preview, preview_every, time_limit or self.time_limit, _scheduler=self)
+        with self._condition:
+            if len(self._waiting) >= self.max_waiting:
+                raise Busy("The server is busy right now; please try again in a moment.")
+            self._waiting.append(ticket)
+            self._condition.notify()
+        return ticket
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._worker.join()
+
+    # ---- the worker ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self._condition:
+                    self._running = 0
+
+    def _next_batch(self) -> list[Ticket] | None:
+        """The oldest live request and the waiting ones that can share its token loop."""
+        with self._condition:
+            while True:
+                while self._waiting and self._waiting[0].cancelled:
+                    self._waiting.popleft()
+                if self._waiting:
+                    break
+                if self._closed:
+                    return None
+                self._condition.wait()
+            first = self._waiting.popleft()
+            batch, images = [first], first.request.num_images
+            if not first.run_alone:
+                key = self.pipe.batch_key(first.request)
+                for ticket in list(self._waiting):
+                    fits = images + ticket.request.num_images <= self.max_batch
+                    if fits and not ticket.run_alone and not ticket.cancelled and self.pipe.batch_key(ticket.request) == key:
+                        self._waiting.remove(ticket)
+                        batch.append(ticket)
+                        images += ticket.request.num_images
+            self._running = len(batch)
+            return batch
+
+    def _run(self, batch: list[Ticket]) -> None:
+        jobs = {}
+        for ticket in batch:
+            try:
+                jobs[ticket] = self.pipe.prepare(ticket.request)
+            except Exception as error:  # noqa: BLE001 - every failure goes to its own request
+                self._fail(ticket, error)
+        if not jobs:
+            return
+        try:
+            self._decode(jobs)
+        except Exception as error:  # noqa: BLE001
+            self._release_memory()
+            if _out_of_memory(error) and len(jobs) > 1:
+                self._retry_alone(list(jobs))
+            else:
+                for ticket in jobs:
+                    self._fail(ticket, error)
+
+    def _decode(self, jobs: dict) -> None:
+        started = time.monotonic()
+        decoder = self.pipe.decoder([job for job, _ in jobs.values()])
+        active = dict(jobs)
+        while active and not decoder.finished:
+            k = decoder.step()
+            for ticket, (job, _) in list(active.items()):
+                expired = time.monotonic() - started > ticket.time_limit
+                if ticket.cancelled or expired:
+                    decoder.drop(job)
+                    del active[ticket]
+                    if ticket.cancelled:
+                        ticket._put(_CANCELLED)
+                    else:
+                        limit = f"{ticket.time_limit:g} s"
+                        ticket._put(GenerationFailed(f"The generation took longer than the limit of {limit} and was stopped."))
+                elif k + 1 < job.total:
+                    due = ticket.preview != "none" and (k + 1) % ticket.preview_every == 0
+                    preview = self.pipe.preview(job, ticket.preview) if due else None
+                    ticket._put(StreamEvent(k + 1, job.total, preview))
+        for ticket, (job, seed) in active.items():
+            ticket._put(StreamEvent(job.total, job.total, None, self.pipe.finish(job, ticket.request, seed)))
+
+    def _retry_alone(self, tickets: list[Ticket]) -> None:
+        with self._condition:
+            for ticket in reversed(tickets):
+                ticket.run_alone = True
+                self._waiting.appendleft(ticket)
+            self._condition.notify()
+
+    def _fail(self, ticket: Ticket, error: Exception) -> None:
+        if _out_of_memory(error):
+            self._release_memory()
+            message = (
+                "The model ran out of memory for this request; try a smaller size or fewer images."
+            )
+            ticket._put(GenerationFailed(message))
+        elif isinstance(error, ValueError):
+            ticket._put(error)
+        else:
+            ticket._put(GenerationFailed(f"The generation failed ({type(error).__name__}); please try again."))
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+

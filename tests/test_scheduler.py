@@ -1,0 +1,171 @@
+"""The scheduler: batching concurrent requests without changing them, cancelling one of many,
+a bounded line, time limits and out-of-memory errors that fail one request only."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from nextstep.scheduler import Busy, GenerationFailed, Scheduler
+
+from .conftest import images_as_array
+
+TOKEN_TOL = 1e-4  # batch size changes CPU kernels' rounding, not results
+REQUESTS = [
+    dict(prompt="a red circle", negative_prompt="blurry", seed=1, cfg=3.0),
+    dict(prompt="two blue squares on the left of a big green triangle", negative_prompt="", seed=2, cfg=5.0),
+    dict(prompt="green", negative_prompt="bad", seed=3, cfg=3.0, num_images=2),
+]
+COMMON = dict(hw=(64, 64), num_sampling_steps=4)
+
+
+@pytest.fixture
+def scheduler(tiny_pipe):
+    service = Scheduler(tiny_pipe, max_batch=8, max_waiting=8)
+    yield service
+    service.close()
+
+
+def hold(scheduler):
+    """Occupy the worker until the returned event is set, so that submissions queue up."""
+    gate, entered = threading.Event(), threading.Event()
+    original = scheduler.pipe.prepare
+
+    def slow_prepare(request):
+        entered.set()
+        gate.wait(30)
+        return original(request)
+
+    scheduler.pipe.prepare = slow_prepare
+    blocker = scheduler.submit("hold", preview="none", **dict(COMMON, num_sampling_steps=1), seed=0, cfg=1.0)
+    entered.wait(30)
+    del scheduler.pipe.prepare  # later batches prepare normally
+    return gate, blocker
+
+
+def results(tickets):
+    out = []
+    for ticket in tickets:
+        *_, last = list(ticket)
+        out.append(last.result)
+    return out
+
+
+def test_batched_requests_equal_their_results_alone(scheduler, tiny_pipe):
+    alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS]
+    gate, blocker = hold(scheduler)
+    tickets = [scheduler.submit(preview="fast", preview_every=4, **r, **COMMON) for r in REQUESTS]
+    seen = []
+    original_decoder = scheduler.pipe.decoder
+    scheduler.pipe.decoder = lambda jobs: seen.append(len(jobs)) or original_decoder(jobs)
+    gate.set()
+    batched = results([blocker, *tickets])[1:]
+    del scheduler.pipe.decoder
+    assert 3 in seen  # the three waiting requests ran in one token loop
+    for mine, reference in zip(batched, alone):
+        assert (mine.tokens - reference.tokens).abs().max() <= TOKEN_TOL
+        assert (images_as_array(mine.images).int() - images_as_array(reference.images).int()).abs().max() <= 1
+        assert mine.seed == reference.seed
+
+
+def test_cancel_one_of_three_mid_way(scheduler, tiny_pipe):
+    alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS]
+    gate, blocker = hold(scheduler)
+    tickets = [scheduler.submit(preview="none", **r, **COMMON) for r in REQUESTS]
+    gate.set()
+    list(blocker)
+    events = iter(tickets[1])
+    assert next(events).done == 1
+    tickets[1].cancel()
+    finished = results([tickets[0], tickets[2]])
+    for mine, reference in zip(finished, [alone[0], alone[2]]):
+        assert (mine.tokens - reference.tokens).abs().max() <= TOKEN_TOL
+    remaining = list(events)
+    assert all(event.result is None for event in remaining)  # it never finished
+
+
+def test_full_line_says_busy_and_recovers(tiny_pipe):
+    scheduler = Scheduler(tiny_pipe, max_batch=1, max_waiting=1)
+    try:
+        gate, blocker = hold(scheduler)
+        waiting = scheduler.submit("a red circle", preview="none", **COMMON)
+        with pytest.raises(Busy, match="busy"):
+            scheduler.submit("a red circle", preview="none", **COMMON)
+        gate.set()
+        results([blocker, waiting])
+        after = scheduler.submit("a red circle", preview="none", **COMMON)
+        assert results([after])[0].images[0].size == (64, 64)
+    finally:
+        scheduler.close()
+
+
+def test_time_limit_stops_a_request(scheduler):
+    ticket = scheduler.submit("a red circle", preview="none", time_limit=1e-9, **COMMON)
+    with pytest.raises(GenerationFailed, match="longer than the limit"):
+        list(ticket)
+    assert results([scheduler.submit("a red circle", preview="none", **COMMON)])[0] is not None
+
+
+def test_out_of_memory_fails_only_that_request(scheduler):
+    original = scheduler.pipe.prepare
+
+    def prepare(request):
+        if request.prompt == "huge":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return original(request)
+
+    scheduler.pipe.prepare = prepare
+    try:
+        gate, blocker = hold(scheduler)
+        scheduler.pipe.prepare = prepare
+        doomed = scheduler.submit("huge", preview="none", **COMMON)
+        fine = scheduler.submit("a red circle", preview="none", **COMMON)
+        gate.set()
+        with pytest.raises(GenerationFailed, match="out of memory"):
+            list(doomed)
+        assert results([blocker, fine])[1].images[0].size == (64, 64)
+    finally:
+        scheduler.pipe.__dict__.pop("prepare", None)
+
+
+def test_out_of_memory_in_a_batch_retries_each_alone(scheduler, tiny_pipe):
+    alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS[:2]]
+    gate, blocker = hold(scheduler)
+    tickets = [scheduler.submit(preview="none", **r, **COMMON) for r in REQUESTS[:2]]
+    original = scheduler.pipe.decoder
+
+    def decoder(jobs):
+        if len(jobs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return original(jobs)
+
+    scheduler.pipe.decoder = decoder
+    gate.set()
+    try:
+        finished = results([blocker, *tickets])[1:]
+    finally:
+        del scheduler.pipe.decoder
+    for mine, reference in zip(finished, alone):
+        assert (mine.tokens - reference.tokens).abs().max() <= TOKEN_TOL
+
+
+def test_bad_settings_fail_at_submission(scheduler):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        scheduler.submit("a red circle", hw=(50, 64))
+    with pytest.raises(ValueError, match="preview"):
+        scheduler.submit("a red circle", preview="sometimes", **COMMON)
+
+
+def test_waiting_reader_notices_a_dead_worker(tiny_pipe):
+    scheduler = Scheduler(tiny_pipe)
+    gate, blocker = hold(scheduler)
+    waiting = scheduler.submit("a red circle", preview="none", **COMMON)
+    worker, scheduler._worker = scheduler._worker, threading.Thread(target=lambda: None)  # a crashed worker
+    started = time.monotonic()
+    with pytest.raises(GenerationFailed, match="stopped"):
+        list(waiting)
+    assert time.monotonic() - started < 5
+    scheduler._worker = worker
+    gate.set()
+    scheduler.close()
