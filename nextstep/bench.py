@@ -1,0 +1,298 @@
+"""``python -m nextstep.bench``: how fast one image is generated, and where the time goes.
+
+Generates with a model directory (``--model``) or a named random configuration (``--config``:
+speed does not depend on the weights' values) and reports seconds per image, milliseconds per
+image token split into backbone step / flow-head sampling / preview decoding, the final VAE
+decode, time to first preview, preview overhead (previews on versus off, same run) and peak
+memory. ``--compare-baseline`` also times a plain loop (KV cache grown per token, the flow head
+evaluated from scratch at every step, tokens gathered in a list) and reports the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from . import decoding
+from .backbone import attention_mask
+from .config import NextStepConfig
+from .model import NextStepModel
+from .pipeline import GenerationRequest, NextStepPipeline
+from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
+from .sampling import sample_token
+from .train.vocab import build_tokenizer
+from .vae import AutoencoderKL, VAEConfig
+
+PROMPT = "a large red circle in the top left corner of a blue background, high quality"
+NEGATIVE = "blurry, low quality"
+_BACKBONE_BASE = dict(
+    attention_bias=True, o_attention_bias=False, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=8192
+)
+CONFIGS = {
+    "tiny": (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, fm_head_dim=32, fm_head_layers=2),
+        VAEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1),
+    ),
+    "small": (
+        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+             intermediate_size=768, fm_head_dim=256, fm_head_layers=3),
+        VAEConfig(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1),
+    ),
+    # Qwen2.5-14B-shaped backbone, 1536 x 12 flow head and the release VAE, as NextStep-1-Large.
+    "nextstep-1-large": (
+        dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+             intermediate_size=13824, fm_head_dim=1536, fm_head_layers=12, vocab_size=152064),
+        VAEConfig(),
+    ),
+}
+
+
+def random_pipeline(name: str, device: str, dtype: torch.dtype) -> NextStepPipeline:
+    """A pipeline of the named shape with random weights and a small word-level tokenizer."""
+    backbone, vae_config = CONFIGS[name]
+    tokenizer = build_tokenizer(sorted(set(f"{PROMPT} {NEGATIVE}".replace(",", " ").split())))
+    config = NextStepConfig(
+        **_BACKBONE_BASE,
+        **dict(backbone, vocab_size=max(backbone.get("vocab_size", 0), len(tokenizer))),
+        boi=tokenizer.convert_tokens_to_ids(BEGIN_OF_IMAGE),
+        eoi=tokenizer.convert_tokens_to_ids(END_OF_IMAGE),
+        image_placeholder_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = NextStepModel.with_random_weights(config, device, dtype)
+    with torch.device("meta"):
+        vae = AutoencoderKL(vae_config).to(dtype)
+    vae.to_empty(device=device)
+    for parameter in vae.parameters():
+        parameter.data.normal_(0.0, 0.02)
+    return NextStepPipeline(model, vae.eval(), tokenizer, name=f"random {name}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Adds up wall time per phase; synchronises the GPU around each timed call."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = defaultdict(float)
+
+    def wrap(self, phase: str, function):
+        def timed(*args, **kwargs):
+            _synchronize(self.device)
+            start = time.perf_counter()
+            out = function(*args, **kwargs)
+            _synchronize(self.device)
+            self.seconds[phase] += time.perf_counter() - start
+            return out
+
+        return timed
+
+
+@contextlib.contextmanager
+def phase_timing(pipe: NextStepPipeline):
+    """Time the phases of generations run inside the block (adds synchronisation: use only for the split)."""
+    timer = PhaseTimer(pipe.device)
+    model = pipe.model
+    patched = [
+        (decoding, "sample_token", decoding.sample_token, "head"),
+        (model, "forward_backbone", model.forward_backbone, "backbone"),
+        (pipe, "preview", pipe.preview, "preview"),
+        (pipe, "finish", pipe.finish, "final_decode"),
+    ]
+    for owner, attribute, function, phase in patched:
+        setattr(owner, attribute, timer.wrap(phase, function))
+    try:
+        yield timer
+    finally:
+        for owner, attribute, function, _ in patched:
+            if owner is decoding:
+                setattr(owner, attribute, function)
+            else:
+                delattr(owner, attribute)  # back to the class's method
+
+
+def timed_generation(pipe: NextStepPipeline, settings: dict, preview: str, preview_every: int) -> dict:
+    _synchronize(pipe.device)
+    start = time.perf_counter()
+    first_preview = None
+    for event in pipe.stream(PROMPT, preview=preview, preview_every=preview_every, **settings):
+        if event.preview is not None and first_preview is None:
+            first_preview = time.perf_counter() - start
+        if event.result is not None:
+            result = event.result
+    _synchronize(pipe.device)
+    return dict(seconds=time.perf_counter() - start, first_preview=first_preview, result=result)
+
+
+class GrowingKVCache:
+    """The plain loop's cache: keys and values concatenated one token at a time."""
+
+    def __init__(self, layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
+        self.key_valid: torch.Tensor | None = None
+
+    def mark(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
+        key_slots = torch.arange(self.key_valid.shape[1], device=valid.device)
+        return attention_mask(slots, key_slots, self.key_valid)
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+@torch.inference_mode()
+def plain_generate(pipe: NextStepPipeline, request: GenerationRequest) -> torch.Tensor:
+    """The baseline token loop: same prompt rows and noise as the pipeline, none of its speedups.
+    Returns the tokens (images, N, token_dim)."""
+    pipe.validate(request)
+    job, _ = pipe.prepare(request)
+    model = pipe.model
+    cache = GrowingKVCache(model.config.num_hidden_layers)
+    embeds = model.embed(job.input_ids.to(pipe.device), job.image_latents)
+    length = embeds.shape[1]
+    hidden = model.forward_backbone(
+        embeds, torch.arange(length, device=pipe.device), job.attention_mask.to(pipe.device).bool(), cache
+    )[:, -1]
+    tokens = []
+    grid = job.time_grid
+    for k in range(job.total):
+        cond = model.condition(hidden, k if pipe.uses_position_table else None)
+
+        def velocity_at(x, i, cond=cond):
+            return model.image_head(x.to(model.dtype), grid[i].expand(cond.shape[0]), cond).float()
+
+        x = sample_token(job.sampler, velocity_at, job.head_noise[k], grid, job.branches, job.cfg[k], job.cfg_img[k])
+        if job.use_norm:
+            x = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+        tokens.append(x)
+        embed = model.image_in_projector(x.to(model.dtype)).repeat(job.branches, 1)[:, None]
+        valid = torch.ones(embed.shape[0], 1, dtype=torch.bool, device=pipe.device)
+        hidden = model.forward_backbone(embed, torch.tensor([length + k], device=pipe.device), valid, cache)[:, -1]
+    return torch.stack(tokens, dim=1).float().cpu()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(args) -> dict:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.model:
+        pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype)
+    else:
+        pipe = random_pipeline(args.config, args.device, dtype)
+    height, width = (int(v) for v in args.hw.lower().split("x"))
+    settings = dict(
+        hw=(height, width), num_sampling_steps=args.steps, cfg=args.cfg, negative_prompt=NEGATIVE, seed=0,
+        sampler=args.sampler,
+    )
+    tokens = (height // pipe.down_factor) * (width // pipe.down_factor)
+
+    timed_generation(pipe, dict(settings, hw=(pipe.down_factor * 2,) * 2), "none", 8)  # warm-up
+    plain = timed_generation(pipe, settings, "none", args.preview_every)
+    with_previews = timed_generation(pipe, settings, args.preview, args.preview_every)
+    with phase_timing(pipe) as timer:
+        timed_generation(pipe, settings, args.preview, args.preview_every)
+    split = timer.seconds
+    report = dict(
+        model=pipe.name, device=str(pipe.device), dtype=args.dtype, hw=[height, width], tokens=tokens,
+        steps=args.steps, cfg=args.cfg, sampler=plain["result"].parameters["sampler"], preview=args.preview,
+        preview_every=args.preview_every, threads=torch.get_num_threads(),
+        seconds_per_image=plain["seconds"],
+        seconds_per_image_with_previews=with_previews["seconds"],
+        ms_per_token=1000 * plain["seconds"] / tokens,
+        ms_per_token_split=dict(
+            backbone=1000 * split["backbone"] / tokens,
+            flow_head=1000 * split["head"] / tokens,
+            preview=1000 * split["preview"] / tokens,
+        ),
+        final_decode_ms=1000 * split["final_decode"],
+        first_preview_seconds=with_previews["first_preview"],
+        preview_overhead=with_previews["seconds"] / plain["seconds"],
+    )
+    if args.compare_baseline:
+        request = GenerationRequest(prompt=PROMPT, **settings)
+        _synchronize(pipe.device)
+        start = time.perf_counter()
+        baseline_tokens = plain_generate(pipe, request)
+        _synchronize(pipe.device)
+        # The plain loop stops at the tokens; the final decode is the same work in both.
+        report["baseline_seconds_per_image"] = time.perf_counter() - start + split["final_decode"]
+        report["speedup_over_baseline"] = report["baseline_seconds_per_image"] / plain["seconds"]
+        report["baseline_max_token_difference"] = (baseline_tokens - plain["result"].tokens).abs().max().item()
+    report["peak_memory_mb"] = peak_memory_mb(pipe.device)
+    return report
+
+
+def format_table(report: dict) -> str:
+    split = report["ms_per_token_split"]
+    first = report["first_preview_seconds"]
+    lines = [
+        f"model               {report['model']}  ({report['device']}, {report['dtype']}, {report['threads']} threads)",
+        f"image               {report['hw'][0]}x{report['hw'][1]}, {report['tokens']} tokens, "
+        f"{report['steps']} steps, cfg {report['cfg']}, sampler {report['sampler']}",
+        f"seconds per image   {report['seconds_per_image']:.3f}  (previews off)",
+        f"ms per token        {report['ms_per_token']:.2f}",
+        f"  backbone step     {split['backbone']:.2f}",
+        f"  flow-head sample  {split['flow_head']:.2f}",
+        f"  preview decode    {split['preview']:.2f}  ({report['preview']} every {report['preview_every']} tokens)",
+        f"final VAE decode    {report['final_decode_ms']:.1f} ms",
+        f"first preview       {'-' if first is None else f'{first:.3f} s'}",
+        f"preview overhead    x{report['preview_overhead']:.3f}  "
+        f"({report['seconds_per_image_with_previews']:.3f} s with previews)",
+    ]
+    if "speedup_over_baseline" in report:
+        lines.append(
+            f"plain loop          {report['baseline_seconds_per_image']:.3f} s per image: "
+            f"speedup x{report['speedup_over_baseline']:.2f} (max token difference "
+            f"{report['baseline_max_token_difference']:.1e})"
+        )
+    lines.append(f"peak memory         {report['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nextstep.bench", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model directory or Hub id")
+    source.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="random weights of this shape")
+    parser.add_argument("--vae", help="VAE directory or Hub id (with --model)")
+    parser.add_argument("--hw", default="128x128", help="HEIGHTxWIDTH in pixels")
+    parser.add_argument("--steps", type=int, default=50, help="flow-head sampling steps per token")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--sampler", default=None, help="v1, sde, cps or ode (default: the model family's)")
+    parser.add_argument("--preview", choices=["vae", "fast", "none"], default="fast")
+    parser.add_argument("--preview-every", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    report = run(args)
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

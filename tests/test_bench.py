@@ -1,0 +1,41 @@
+"""The benchmark runs end to end, and the plain baseline loop agrees with the pipeline."""
+
+import json
+
+import pytest
+import torch
+
+from nextstep import bench
+from nextstep.pipeline import GenerationRequest
+
+from .conftest import TINY, load_case
+
+
+def test_bench_json_on_tiny(capsys):
+    code = bench.main(["--config", "tiny", "--hw", "32x32", "--steps", "3", "--compare-baseline", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for field in ("seconds_per_image", "ms_per_token", "first_preview_seconds", "preview_overhead", "peak_memory_mb"):
+        assert field in report
+    assert report["tokens"] == 4
+    assert set(report["ms_per_token_split"]) == {"backbone", "flow_head", "preview"}
+    assert report["baseline_max_token_difference"] <= 1e-4
+    assert report["speedup_over_baseline"] > 0
+
+
+def test_bench_table(capsys):
+    bench.main(["--config", "tiny", "--hw", "32x32", "--steps", "2", "--preview", "vae", "--preview-every", "1"])
+    table = capsys.readouterr().out
+    assert "seconds per image" in table and "preview overhead" in table
+
+
+@pytest.mark.parametrize("case", ["t2i_cfg", "edit"])
+def test_plain_loop_gives_the_pipeline_tokens(tiny_pipe, case):
+    args, _, image = load_case(TINY, case)
+    settings = dict(
+        negative_prompt=args["negative_prompt"], hw=tuple(args["hw"]), cfg=args["cfg"], cfg_img=args["cfg_img"],
+        timesteps_shift=args["timesteps_shift"], num_sampling_steps=args["num_sampling_steps"], seed=args["seed"],
+    )
+    fast = tiny_pipe.generate(args["captions"], image, **settings)
+    plain = bench.plain_generate(tiny_pipe, GenerationRequest(prompt=args["captions"], image=image, **settings))
+    torch.testing.assert_close(plain, fast.tokens, atol=1e-4, rtol=0)
