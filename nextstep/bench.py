@@ -202,6 +202,8 @@ def run(args) -> dict:
         pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype)
     else:
         pipe = random_pipeline(args.config, args.device, dtype)
+    if args.compile:
+        pipe.compile()
     height, width = (int(v) for v in args.hw.lower().split("x"))
     settings = dict(
         hw=(height, width), num_sampling_steps=args.steps, cfg=args.cfg, negative_prompt=NEGATIVE, seed=0,
@@ -218,7 +220,7 @@ def run(args) -> dict:
     report = dict(
         model=pipe.name, device=str(pipe.device), dtype=args.dtype, hw=[height, width], tokens=tokens,
         steps=args.steps, cfg=args.cfg, sampler=plain["result"].parameters["sampler"], preview=args.preview,
-        preview_every=args.preview_every, threads=torch.get_num_threads(),
+        preview_every=args.preview_every, threads=torch.get_num_threads(), compiled=args.compile,
         seconds_per_image=plain["seconds"],
         seconds_per_image_with_previews=with_previews["seconds"],
         ms_per_token=1000 * plain["seconds"] / tokens,
@@ -249,7 +251,8 @@ def format_table(report: dict) -> str:
     split = report["ms_per_token_split"]
     first = report["first_preview_seconds"]
     lines = [
-        f"model               {report['model']}  ({report['device']}, {report['dtype']}, {report['threads']} threads)",
+        f"model               {report['model']}  ({report['device']}, {report['dtype']}, {report['threads']} threads"
+        f"{', compiled' if report['compiled'] else ''})",
         f"image               {report['hw'][0]}x{report['hw'][1]}, {report['tokens']} tokens, "
         f"{report['steps']} steps, cfg {report['cfg']}, sampler {report['sampler']}",
         f"seconds per image   {report['seconds_per_image']:.3f}  (previews off)",
@@ -286,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview-every", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="compile the flow head (pipe.compile())")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)

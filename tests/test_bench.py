@@ -39,3 +39,13 @@ def test_plain_loop_gives_the_pipeline_tokens(tiny_pipe, case):
     fast = tiny_pipe.generate(args["captions"], image, **settings)
     plain = bench.plain_generate(tiny_pipe, GenerationRequest(prompt=args["captions"], image=image, **settings))
     torch.testing.assert_close(plain, fast.tokens, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_head_gives_the_same_tokens():
+    pipe = bench.random_pipeline("tiny", "cpu", torch.float32)
+    settings = dict(prompt=bench.PROMPT, hw=(32, 32), num_sampling_steps=3, cfg=3.0, seed=4)
+    eager = pipe.generate(**settings)
+    pipe.compile()
+    compiled = pipe.generate(**settings)
+    torch.testing.assert_close(compiled.tokens, eager.tokens, atol=1e-4, rtol=0)
