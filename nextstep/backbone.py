@@ -7,6 +7,8 @@ token loop needs it (fixed shapes, no tensor growth per token).
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,8 @@ class StaticKVCache:
     padded to a common length keep their own positions).
     """
 
-    def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype, flash=None):
+        self.flash = flash  # the flash-attn 2 module to attend with (``flash_attn_module``), or None for SDPA
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -50,6 +53,10 @@ class StaticKVCache:
         self.values[layer].index_copy_(2, slots, v)
         return self.keys[layer], self.values[layer]
 
+    def left_padding(self) -> torch.Tensor:
+        """(B,) int32: padding slots before each row's first real token (rows are left padded)."""
+        return self.key_valid.int().argmax(dim=1).int()
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows at ``rows`` (a request left the batch)."""
         self.keys = self.keys[:, rows]
@@ -63,6 +70,50 @@ def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_valid
     causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
     own = key_slots[None, :] == query_slots[:, None]
     return ((causal & key_valid[:, None, :]) | own)[:, None]
+
+
+def flash_attn_module(device: torch.device, dtype: torch.dtype):
+    """The flash-attn 2 package when it is installed and can serve this device and dtype, else None.
+
+    It is optional (a CUDA-only extra); SDPA serves everywhere else."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        return importlib.import_module("flash_attn")
+    except ImportError:
+        return None
+
+
+def flash_attention(flash, q, k, v, cache: StaticKVCache, layer: int, slots: torch.Tensor) -> torch.Tensor | None:
+    """Attention with flash-attn 2 for the two shapes the token loop uses, else None.
+
+    q: (B, nh, T, hd); k, v: this chunk's keys and values (B, nkv, T, hd), already in the cache.
+    A prefill from slot 0 drops the left padding and runs variable-length causal attention; a
+    one-token step reads the cache in place, from each row's first real slot.
+    """
+    b, _, t, _ = q.shape
+    if t == 1:
+        seqlens = (slots + 1).to(torch.int32).expand(b).contiguous()
+        out = flash.flash_attn_with_kvcache(
+            q.transpose(1, 2), cache.keys[layer].transpose(1, 2), cache.values[layer].transpose(1, 2),
+            cache_seqlens=seqlens, cache_leftpad=cache.left_padding(), causal=True,
+        )  # (B, 1, nh, hd)
+        return out.transpose(1, 2)
+    if int(slots[0]) != 0:
+        return None
+    valid = cache.key_valid[:, :t].reshape(-1)
+    lengths = cache.key_valid[:, :t].sum(dim=1, dtype=torch.int32)
+    starts = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    real = valid.nonzero().squeeze(1)
+
+    def packed(x):  # (B, heads, T, hd) -> (real tokens, heads, hd)
+        return x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[3])[real]
+
+    longest = int(lengths.max())
+    out = flash.flash_attn_varlen_func(packed(q), packed(k), packed(v), starts, starts, longest, longest, causal=True)
+    full = q.new_zeros(b * t, q.shape[1], q.shape[3])
+    full[real] = out
+    return full.reshape(b, t, q.shape[1], q.shape[3]).transpose(1, 2)
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -90,9 +141,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out = None
         if cache is not None:  # without a cache (training) the keys are just this sequence's
+            chunk_k, chunk_v = k, v
             k, v = cache.update(self.layer_idx, slots, k, v)  # (B, nkv, max_len, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            if cache.flash is not None:
+                out = flash_attention(cache.flash, q, chunk_k, chunk_v, cache, self.layer_idx, slots)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .backbone import DecoderLayer, StaticKVCache, causal_mask
+from .backbone import DecoderLayer, StaticKVCache, causal_mask, flash_attn_module
 from .config import NextStepConfig
 from .flow_head import FlowMatchingHead
 from .tokens import patchify
@@ -153,4 +153,5 @@ class NextStepModel(nn.Module):
         return self.image_out_projector(hidden)
 
     def new_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
-        return StaticKVCache(self.config, batch_size, max_len, self.device, self.dtype)
+        flash = flash_attn_module(self.device, self.dtype)
+        return StaticKVCache(self.config, batch_size, max_len, self.device, self.dtype, flash=flash)
