@@ -34,6 +34,8 @@ from nextstep.serving import (
     default_size,
     describe,
     draw_seed,
+    load_examples,
+    page_defaults,
     pick_device,
     pick_dtype,
     supported_sizes,
@@ -41,18 +43,15 @@ from nextstep.serving import (
 )
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = "assets/nextstep-shapes"
-EXAMPLES_DIR = ROOT / "assets" / "examples"
+DEFAULT_MODEL = "assets/shapes-model"
+EXAMPLES = ROOT / "assets" / "examples" / "examples.json"  # prompts and edits checked against that model
 MAX_QUEUE = 16  # requests waiting for the model; more are turned away with a message
 MODEL_QUEUE = "model"  # every event that runs a model shares one queue: one device, one generation at a time
-EDIT_NEGATIVE = "Copy original image."
-EDIT_SHIFT = 3.2
-EXAMPLE_PROMPTS = [
-    "a red circle on a white background",
-    "a blue square and a yellow triangle",
-    "two green circles above a purple square",
+# Shown when no checked examples ship with the app.
+FALLBACK_PROMPTS = [
+    {"prompt": "a red circle on a white background", "seed": 0},
+    {"prompt": "a blue square and a yellow triangle", "seed": 0},
 ]
-EXAMPLE_INSTRUCTIONS = ["Make the shape blue.", "Add a small red circle.", "Remove the background."]
 PREVIEW_MODES = [("Exact", "vae"), ("Fast", "fast"), ("Off", "none")]
 SCHEDULES = [("Constant", "constant"), ("Linear", "linear")]
 # Small images fill the preview box, with crisp pixels rather than a blur.
@@ -132,23 +131,21 @@ class Results:
         return [self.preview, self.gallery, self.status, self.parameters, seed]
 
 
-def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], edit: bool) -> Controls:
-    defaults = pipe.default_settings()
+def sampling_controls(prefix: str, defaults: dict, sizes: list[Size], edit: bool) -> Controls:
     choices = [(size.label, size.value) for size in sizes]
     with gr.Accordion("Settings", open=True):
-        size = gr.Dropdown(choices, value=default_size(sizes).value, label="Size (width × height)",
-                           elem_id=f"{prefix}-size")
+        size = gr.Dropdown(choices, value=default_size(sizes, defaults.get("hw")).value,
+                           label="Size (width × height)", elem_id=f"{prefix}-size")
         num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
         with gr.Row():
             cfg = gr.Slider(1, 15, value=defaults["cfg"], step=0.1, label="Text guidance",
                             info="How strongly the image follows the text")
-            cfg_img = gr.Slider(1, 10, value=2.0, step=0.1, label="Image guidance",
+            cfg_img = gr.Slider(1, 10, value=defaults["cfg_img"], step=0.1, label="Image guidance",
                                 info="How strongly the result keeps the input image") if edit else None
         with gr.Row():
             steps = gr.Slider(1, 100, value=defaults["num_sampling_steps"], step=1,
                               label="Sampling steps per token", elem_id=f"{prefix}-steps")
-            shift = gr.Slider(0.1, 10, value=EDIT_SHIFT if edit else defaults["timesteps_shift"], step=0.1,
-                              label="Time shift")
+            shift = gr.Slider(0.1, 10, value=defaults["timesteps_shift"], step=0.1, label="Time shift")
         with gr.Row():
             schedule = gr.Radio(SCHEDULES, value=defaults["cfg_schedule"], label="Guidance schedule")
             sampler = gr.Dropdown(list(SAMPLERS), value=defaults["sampler"], label="Sampler",
@@ -161,7 +158,7 @@ def sampling_controls(prefix: str, pipe: NextStepPipeline, sizes: list[Size], ed
                                info="Exact runs the VAE decoder; Fast is a nearly free colour map")
             preview_every = gr.Slider(1, 64, value=8, step=1, label="Preview every N tokens")
     with gr.Accordion("Prompts", open=edit):
-        negative_prompt = gr.Textbox(value=EDIT_NEGATIVE if edit else "", label="Negative prompt",
+        negative_prompt = gr.Textbox(value=defaults["negative_prompt"], label="Negative prompt",
                                      placeholder="What the image should avoid")
         positive_prompt = gr.Textbox("", label="Positive (style) prompt", placeholder="Appended to the prompt")
     return Controls(negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps, shift, schedule,
@@ -192,19 +189,22 @@ def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.B
     return run, stop
 
 
-def stream_to_page(service: SharedPipeline, prompt: str, image, *, size: str, num_images: float, cfg: float,
-                   steps: float, shift: float, schedule: str, sampler: str, seed: float, randomize_seed: bool,
-                   preview: str,
-                   preview_every: float, negative_prompt: str, positive_prompt: str, cfg_img: float = 1.0):
-    """Yield (preview, gallery, status, parameters, seed) frames for one request."""
+def stream_to_page(service: SharedPipeline, defaults: dict, prompt: str, image, *, size: str, num_images: float,
+                   cfg: float, steps: float, shift: float, schedule: str, sampler: str, seed: float,
+                   randomize_seed: bool, preview: str, preview_every: float, negative_prompt: str,
+                   positive_prompt: str, cfg_img: float | None = None):
+    """Yield (preview, gallery, status, parameters, seed) frames for one request; settings the
+    page does not show (use_norm, …) come from ``defaults``."""
     seed = draw_seed() if randomize_seed else int(seed)
+    settings = dict(
+        defaults, hw=Size.parse(size).hw, num_images=int(num_images), cfg=cfg, num_sampling_steps=int(steps),
+        timesteps_shift=shift, cfg_schedule=schedule, sampler=sampler, seed=seed,
+        negative_prompt=negative_prompt or None, positive_prompt=positive_prompt or None,
+    )
+    if cfg_img is not None:
+        settings["cfg_img"] = cfg_img
     try:
-        frames = service.stream(
-            prompt, image, hw=Size.parse(size).hw, num_images=int(num_images), cfg=cfg, cfg_img=cfg_img,
-            num_sampling_steps=int(steps), timesteps_shift=shift, cfg_schedule=schedule, sampler=sampler, seed=seed,
-            negative_prompt=negative_prompt or None, positive_prompt=positive_prompt or None,
-            preview=preview, preview_every=int(preview_every),
-        )
+        frames = service.stream(prompt, image, preview=preview, preview_every=int(preview_every), **settings)
         yield None, None, "Waiting for the model…", None, seed
         for frame in frames:
             if frame.result is not None:
@@ -247,6 +247,11 @@ def model_panel(services: Services) -> None:
 
 def build_demo(services: Services) -> gr.Blocks:
     generator, editor = services.generator, services.editor
+    # Without an edit model the Edit tab still shows its controls (its button disabled) for orientation.
+    edit_pipe = (editor or generator).pipe
+    generate_defaults, edit_defaults = page_defaults(generator.pipe, edit=False), page_defaults(edit_pipe, edit=True)
+    edit_sizes = supported_sizes(edit_pipe, input_images=1)
+    examples = load_examples(EXAMPLES)
     with gr.Blocks(title="NextStep Studio", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(
             "# NextStep Studio\n"
@@ -259,8 +264,8 @@ def build_demo(services: Services) -> gr.Blocks:
                         prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the image",
                                             elem_id="generate-prompt")
                         generate_button, generate_stop = run_buttons("generate", "Generate", True)
-                        gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], cache_examples=False)
-                        generate_controls = sampling_controls("generate", generator.pipe,
+                        generate_examples = gr.Column()  # filled below, once the seed widgets exist
+                        generate_controls = sampling_controls("generate", generate_defaults,
                                                               supported_sizes(generator.pipe), edit=False)
                     with gr.Column(scale=3):
                         generate_results = result_panel("generate")
@@ -276,26 +281,30 @@ def build_demo(services: Services) -> gr.Blocks:
                         instruction = gr.Textbox(label="Instruction", lines=2, placeholder="What to change",
                                                  elem_id="edit-instruction")
                         edit_button, edit_stop = run_buttons("edit", "Edit", editor is not None)
-                        example_images = sorted(p for p in EXAMPLES_DIR.glob("*") if p.suffix in (".png", ".jpg"))
-                        if example_images:
-                            gr.Examples([[str(p), i] for p, i in zip(example_images, EXAMPLE_INSTRUCTIONS)],
-                                        inputs=[input_image, instruction], cache_examples=False)
-                        # Without an edit model the controls still show (disabled run button) for orientation.
-                        edit_pipe = (editor or generator).pipe
-                        edit_sizes = supported_sizes(edit_pipe, input_images=1)
-                        edit_controls = sampling_controls("edit", edit_pipe, edit_sizes, edit=True)
+                        edit_examples = gr.Column()
+                        edit_controls = sampling_controls("edit", edit_defaults, edit_sizes, edit=True)
                     with gr.Column(scale=3):
                         edit_results = result_panel("edit")
                         use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
         model_panel(services)
+        # Examples set the seed they were checked with, so they reproduce.
+        with generate_examples:
+            gr.Examples([[e["prompt"], e["seed"], False] for e in examples["text_to_image"] or FALLBACK_PROMPTS],
+                        inputs=[prompt, generate_controls.seed, generate_controls.randomize_seed],
+                        cache_examples=False)
+        if examples["edit"]:
+            with edit_examples:
+                gr.Examples([[e["image"], e["instruction"], e["seed"], False] for e in examples["edit"]],
+                            inputs=[input_image, instruction, edit_controls.seed, edit_controls.randomize_seed],
+                            cache_examples=False)
 
         @on_gpu
         def generate(prompt, negative_prompt, positive_prompt, size, num_images, cfg, steps, shift, schedule,
                      sampler, seed, randomize_seed, preview, preview_every):
             yield from stream_to_page(
-                generator, prompt, None, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
-                size=size, num_images=num_images, cfg=cfg, steps=steps, shift=shift, schedule=schedule,
-                sampler=sampler, seed=seed, randomize_seed=randomize_seed, preview=preview,
+                generator, generate_defaults, prompt, None, negative_prompt=negative_prompt,
+                positive_prompt=positive_prompt, size=size, num_images=num_images, cfg=cfg, steps=steps, shift=shift,
+                schedule=schedule, sampler=sampler, seed=seed, randomize_seed=randomize_seed, preview=preview,
                 preview_every=preview_every,
             )
 
@@ -307,21 +316,21 @@ def build_demo(services: Services) -> gr.Blocks:
             if image is None:
                 raise gr.Error("Add an input image first (upload, paste or take a photo).")
             yield from stream_to_page(
-                editor, instruction, image, negative_prompt=negative_prompt, positive_prompt=positive_prompt,
-                size=size, num_images=num_images, cfg=cfg, cfg_img=cfg_img, steps=steps, shift=shift,
-                schedule=schedule, sampler=sampler, seed=seed, randomize_seed=randomize_seed, preview=preview,
-                preview_every=preview_every,
+                editor, edit_defaults, instruction, image, negative_prompt=negative_prompt,
+                positive_prompt=positive_prompt, size=size, num_images=num_images, cfg=cfg, cfg_img=cfg_img,
+                steps=steps, shift=shift, schedule=schedule, sampler=sampler, seed=seed,
+                randomize_seed=randomize_seed, preview=preview, preview_every=preview_every,
             )
 
         generation = gr.on(
             [generate_button.click, prompt.submit], generate, [prompt, *generate_controls.inputs()],
-            generate_results.outputs(generate_controls.seed), api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
-            show_progress="minimal", show_progress_on=[generate_results.status],
+            generate_results.outputs(generate_controls.seed), api_name="generate", concurrency_id=MODEL_QUEUE,
+            concurrency_limit=1, show_progress="minimal", show_progress_on=[generate_results.status],
         )
         editing = gr.on(
             [edit_button.click, instruction.submit], edit, [input_image, instruction, *edit_controls.inputs()],
-            edit_results.outputs(edit_controls.seed), api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=1,
-            show_progress="minimal", show_progress_on=[edit_results.status],
+            edit_results.outputs(edit_controls.seed), api_name="edit", concurrency_id=MODEL_QUEUE,
+            concurrency_limit=1, show_progress="minimal", show_progress_on=[edit_results.status],
         )
         for stop, event, results in ((generate_stop, generation, generate_results),
                                      (edit_stop, editing, edit_results)):

@@ -1,7 +1,7 @@
 """Take the README screenshot: serve the app, generate one image in headless Chromium, save the page.
 
     python docs/screenshot.py                      # the tiny test checkpoint
-    python docs/screenshot.py --model assets/nextstep-shapes --prompt "a red circle"
+    python docs/screenshot.py --model assets/shapes-model
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ MAX_BYTES = 300_000
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(TINY / "model"))
-    parser.add_argument("--vae", default=str(TINY / "vae"))
-    parser.add_argument("--prompt", default=app.EXAMPLE_PROMPTS[0])
+    parser.add_argument("--model", help="default: the tiny test checkpoint")
+    parser.add_argument("--vae")
+    first_example = (app.load_examples(app.EXAMPLES)["text_to_image"] or app.FALLBACK_PROMPTS)[0]
+    parser.add_argument("--prompt", default=first_example["prompt"])
     parser.add_argument("--size", default="128 × 128 (1:1)", help="a label of the size menu")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
     args = parser.parse_args()
 
-    demo = app.build_demo(app.load_services(args.model, None, args.vae, None, None))
+    model, vae = (args.model, args.vae) if args.model else (str(TINY / "model"), str(TINY / "vae"))
+    demo = app.build_demo(app.load_services(model, None, vae, None, None))
     _, url, _ = app.serve(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
     try:
         with chromium() as browser:

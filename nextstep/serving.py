@@ -22,6 +22,9 @@ from PIL import Image
 from .pipeline import GenerationResult, NextStepPipeline, StreamEvent
 
 PARAMETERS_KEY = "parameters"  # PNG text chunk holding the generation parameters as JSON
+STORED_SETTINGS = "generation_config.json"  # a trained model's tuned settings, per task
+# The official editing examples' settings (NextStep-1-Large-Edit).
+OFFICIAL_EDIT = dict(negative_prompt="Copy original image.", cfg_img=2.0, timesteps_shift=3.2)
 MAX_UI_SEED = 2**32 - 1  # browsers hold numbers as doubles: keep seeds exact in a page
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_RESERVE = 64  # positions kept free for the prompt when listing sizes
@@ -59,6 +62,27 @@ def describe(pipe: NextStepPipeline) -> dict[str, str]:
         "dtype": str(pipe.model.dtype).removeprefix("torch."),
         "parameters": human_count(count),
     }
+
+
+def page_defaults(pipe: NextStepPipeline, edit: bool) -> dict:
+    """Request settings a page starts from: the family's, plus the official editing ones for
+    editing, overridden by the settings a model stores beside its weights (``text_to_image``
+    and ``edit`` sets in ``generation_config.json``, from our own training), when it has them."""
+    settings = {**pipe.default_settings(), "negative_prompt": "", **(OFFICIAL_EDIT if edit else {})}
+    path = Path(pipe.name) / STORED_SETTINGS
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    settings.update(stored.get("edit" if edit else "text_to_image", {}))
+    return settings
+
+
+def load_examples(path: Path) -> dict[str, list[dict]]:
+    """``{"text_to_image": [{"prompt", "seed"}, …], "edit": [{"image", "instruction", "seed"}, …]}``
+    from an examples.json (image paths made absolute), or empty lists without one."""
+    path = Path(path)
+    examples = json.loads(path.read_text()) if path.is_file() else {}
+    for example in examples.get("edit", []):
+        example["image"] = str(path.parent / example["image"])
+    return {kind: examples.get(kind, []) for kind in ("text_to_image", "edit")}
 
 
 def human_count(count: int) -> str:
@@ -123,8 +147,11 @@ def supported_sizes(pipe: NextStepPipeline, input_images: int = 0) -> list[Size]
     return sorted(sizes, key=lambda s: (-s.width * s.height, ASPECTS.index(s.aspect)))
 
 
-def default_size(sizes: list[Size]) -> Size:
-    """The largest square (the models are trained on squares), else the largest size."""
+def default_size(sizes: list[Size], hw: list[int] | tuple[int, int] | None = None) -> Size:
+    """``hw`` (height, width) when offered, else the largest square (models are trained on
+    squares), else the largest size."""
+    if hw is not None and Size(hw[1], hw[0]) in sizes:
+        return Size(hw[1], hw[0])
     return next((s for s in sizes if s.width == s.height), sizes[0])
 
 
@@ -224,10 +251,8 @@ class SharedPipeline:
         return self._lock.locked()
 
     def stream(self, prompt: str, image: Image.Image | None = None, **settings) -> Iterator[Progress]:
-        """Validate now (ValueError with a readable message), then wait for the model and sample.
-        Settings not given take the model family's defaults (sampler, use_norm, …)."""
-        events = self.pipe.stream(prompt, image, **{**self.pipe.default_settings(), **settings})
-        return self._frames(events)
+        """Validate now (ValueError with a readable message), then wait for the model and sample."""
+        return self._frames(self.pipe.stream(prompt, image, **settings))
 
     # Successive steps of a generator may run on different threads: the decorator re-enters
     # inference mode at every step, and a plain Lock may be released from any thread.

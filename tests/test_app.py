@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +19,16 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from nextstep.serving import SharedPipeline, Size, closest_size, read_parameters, supported_sizes
+from nextstep import NextStepPipeline
+from nextstep.serving import (
+    SharedPipeline,
+    Size,
+    closest_size,
+    load_examples,
+    page_defaults,
+    read_parameters,
+    supported_sizes,
+)
 
 from .conftest import ROOT, TINY
 
@@ -160,8 +171,9 @@ def test_edit_without_an_image_says_so(client):
 
 @pytest.mark.slow
 def test_pipeline_errors_reach_the_page_as_messages(client):
+    # Found only once the prompt is tokenised, with the model in hand.
     with pytest.raises(AppError, match="positions"):
-        client.predict(**dict(GENERATE, prompt="word " * 600), api_name="/generate")
+        client.predict(**dict(GENERATE, prompt="x y " * 490), api_name="/generate")
     # The failed request gave the model back.
     assert final_images(run(client, "/generate", **dict(GENERATE, preview="none"))[1])
 
@@ -261,6 +273,33 @@ def test_sizes_come_from_the_model(tiny_pipe):
     assert Size(256, 256) not in supported_sizes(tiny_pipe, input_images=1)
     assert closest_size(640, 480, sizes) == Size(256, 192)
     assert Size.parse("128x64").hw == (64, 128)
+
+
+def test_page_defaults_follow_the_family_then_the_models_stored_settings(tiny_pipe, tmp_path):
+    family = tiny_pipe.default_settings()
+    assert page_defaults(tiny_pipe, edit=False)["num_sampling_steps"] == family["num_sampling_steps"]
+    edit = page_defaults(tiny_pipe, edit=True)
+    assert (edit["negative_prompt"], edit["cfg_img"], edit["timesteps_shift"]) == ("Copy original image.", 2.0, 3.2)
+    model = tmp_path / "model"
+    shutil.copytree(TINY / "model", model)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"text_to_image": {"hw": [64, 64], "num_sampling_steps": 20, "use_norm": False}, "edit": {"cfg_img": 1.5}}
+    ))
+    trained = NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+    stored = page_defaults(trained, edit=False)
+    assert (stored["hw"], stored["num_sampling_steps"], stored["use_norm"]) == ([64, 64], 20, False)
+    assert page_defaults(trained, edit=True)["cfg_img"] == 1.5
+
+
+def test_examples_file(tmp_path):
+    assert load_examples(tmp_path / "missing.json") == {"text_to_image": [], "edit": []}
+    (tmp_path / "examples.json").write_text(json.dumps({
+        "text_to_image": [{"prompt": "a red circle", "seed": 1}],
+        "edit": [{"image": "input.png", "instruction": "Make it blue.", "seed": 2}],
+    }))
+    examples = load_examples(tmp_path / "examples.json")
+    assert examples["text_to_image"][0]["prompt"] == "a red circle"
+    assert examples["edit"][0]["image"] == str(tmp_path / "input.png")
 
 
 def test_frames_are_throttled_and_the_result_always_arrives(tiny_pipe):
