@@ -342,8 +342,9 @@ def build_demo(services: Services) -> gr.Blocks:
                            api_visibility="private")
         use_as_input.click(picked_image, [edit_results.gallery, edit_results.selected], input_image,
                            api_visibility="private")
-        # A new input image picks the output size nearest to its aspect ratio.
-        input_image.change(lambda image: closest_size(*image.size, edit_sizes).value if image else gr.skip(),
+        # A new input image picks the output size nearest to its aspect ratio, near the default area.
+        edit_area = default_size(edit_sizes, edit_defaults.get("hw")).area
+        input_image.change(lambda image: closest_size(*image.size, edit_sizes, edit_area).value if image else gr.skip(),
                            input_image, edit_controls.size, api_visibility="private")
     demo.queue(max_size=MAX_QUEUE)
     return demo

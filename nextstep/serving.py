@@ -109,6 +109,10 @@ class Size:
         return (self.height, self.width)
 
     @property
+    def area(self) -> int:
+        return self.width * self.height
+
+    @property
     def aspect(self) -> tuple[int, int]:
         divisor = math.gcd(self.width, self.height)
         return (self.width // divisor, self.height // divisor)
@@ -142,9 +146,9 @@ def supported_sizes(pipe: NextStepPipeline, input_images: int = 0) -> list[Size]
             continue
         tokens = (size.width // step) * (size.height // step)
         fits = tokens <= position_budget and tokens <= table_budget
-        if fits and native_area * SMALLEST_AREA <= size.width * size.height <= native_area:
+        if fits and native_area * SMALLEST_AREA <= size.area <= native_area:
             sizes.append(size)
-    return sorted(sizes, key=lambda s: (-s.width * s.height, ASPECTS.index(s.aspect)))
+    return sorted(sizes, key=lambda s: (-s.area, ASPECTS.index(s.aspect)))
 
 
 def default_size(sizes: list[Size], hw: list[int] | tuple[int, int] | None = None) -> Size:
@@ -155,9 +159,15 @@ def default_size(sizes: list[Size], hw: list[int] | tuple[int, int] | None = Non
     return next((s for s in sizes if s.width == s.height), sizes[0])
 
 
-def closest_size(width: int, height: int, sizes: list[Size]) -> Size:
-    """The largest size whose aspect ratio is nearest to width:height (for an input image)."""
-    return min(sizes, key=lambda s: (round(abs(math.log(s.width / s.height * height / width)), 3), -s.width * s.height))
+def closest_size(width: int, height: int, sizes: list[Size], area: int) -> Size:
+    """For an input image: the size with the aspect ratio nearest to width:height, and among
+    those the one with the area nearest to ``area`` (the resolution the page works at)."""
+
+    def distance(size: Size) -> tuple[float, float]:
+        aspect = abs(math.log(size.width / size.height * height / width))
+        return (round(aspect, 3), abs(math.log(size.width * size.height / area)))
+
+    return min(sizes, key=distance)
 
 
 # ---- seeds, PNG parameters, previews ------------------------------------------------------

@@ -271,7 +271,9 @@ def test_sizes_come_from_the_model(tiny_pipe):
     assert Size(128, 64) in sizes and Size(64, 128) in sizes and Size(256, 256) in sizes
     # Editing inlines the input image too, so it leaves room for fewer output tokens.
     assert Size(256, 256) not in supported_sizes(tiny_pipe, input_images=1)
-    assert closest_size(640, 480, sizes) == Size(256, 192)
+    assert closest_size(640, 480, sizes, area=256 * 256) == Size(256, 192)
+    assert closest_size(640, 480, sizes, area=128 * 128) == Size(128, 96)
+    assert closest_size(300, 100, sizes, area=64 * 64) == Size(96, 48)
     assert Size.parse("128x64").hw == (64, 128)
 
 
