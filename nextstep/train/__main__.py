@@ -23,7 +23,7 @@ from .evaluate import tune_defaults
 from .model_training import build_pool, model_config, train_model
 from .examples import write_examples
 from .sampling_defaults import read_defaults, write_defaults
-from .vae_training import train_vae
+from .vae_training import finetune_decoder, train_vae
 from .vocab import build_tokenizer
 from .world import vocabulary
 
@@ -37,10 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("assets"), help="where shapes-model/ and shapes-vae/ go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1600)
+    parser.add_argument("--decoder-steps", type=int, default=800, help="decoder-only steps after the VAE")
     parser.add_argument("--reuse-vae", action="store_true", help="take the VAE already in OUT instead of training one")
-    parser.add_argument("--scenes", type=int, default=2400, help="training scenes encoded for the model")
-    parser.add_argument("--model-steps", type=int, default=1800)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded for the model")
+    parser.add_argument("--model-steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--tune", type=int, nargs=3, default=(12, 8, 10), metavar=("SINGLES", "PAIRS", "EDITS"),
                         help="validation prompts per candidate setting (0 0 0 keeps the base settings)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest for these small shapes on a busy 2-core CPU")
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         vae = AutoencoderKL.from_directory(vae_dir)
     else:
         vae = train_vae(vae_dir, args.vae_steps, seed=args.seed)
+        # The encoder is frozen from here on, so the latents below do not depend on this stage.
+        finetune_decoder(vae, vae_dir, args.decoder_steps, seed=args.seed + 10)
         stage_done("vae")
     if args.model_steps == 0:
         return

@@ -1,9 +1,9 @@
 """Scoring pictures of the shapes world with code: colour segmentation and simple geometry.
 
 Every pixel is labelled with its nearest palette colour; the background is the colour most
-common along the border; each other colour, after a one-pixel erosion that strips blended
-edge pixels, is one object. Its centroid gives the grid cell, its bounding box the size, and
-how much of the box it fills the shape (square ~1, circle ~0.79, triangle ~0.5).
+common along the border; each other colour, after an erosion that strips blended edge pixels
+and thin colour fringes, is one object. Its centroid gives the grid cell, its bounding box the
+size, and its outline the shape (see ``classify_shape``).
 
 ``python -m nextstep.train.evaluate assets/shapes-model`` generates from held-out scene specs
 with the model's stored sampling defaults and prints every figure.
@@ -27,6 +27,7 @@ from .sampling_defaults import BASE, EDIT_CANDIDATES, TEXT_TO_IMAGE_CANDIDATES, 
 from .vae_training import psnr, reconstruct, to_pixels
 from .world import CELLS, COLOURS, EDIT_KINDS, PALETTE, Obj, Scene, caption, random_edit, random_scene, render
 
+ERODE = 2  # pixels stripped from every colour region: blended edges and thin colour fringes
 MIN_AREA = 20  # pixels left after erosion for a colour to count as an object
 PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 
@@ -58,17 +59,27 @@ def erode(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def classify_shape(mask: np.ndarray) -> str:
+    """Triangle when the top quarter is much narrower than the bottom one (they point up);
+    otherwise square or circle by how much of the bounding box is filled (1 against pi/4)."""
+    ys, xs = np.nonzero(mask)
+    rows = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    widths = rows.sum(axis=1)
+    quarter = max(1, len(widths) // 4)
+    if widths[:quarter].mean() < 0.55 * widths[-quarter:].mean():
+        return "triangle"
+    return "square" if rows.mean() > 0.86 else "circle"
+
+
 def measure(mask: np.ndarray, colour: str) -> Detected:
     ys, xs = np.nonzero(mask)
     h, w = mask.shape
     col = min(int(xs.mean() / (w / 3)), 2)
     row = min(int(ys.mean() / (h / 3)), 2)
-    box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = len(xs) / (box_h * box_w)
-    shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-    # Sizes are 0.45 and 0.85 of a cell before a one-pixel erosion on each side.
-    size = "large" if max(box_h, box_w) + 2 > 0.65 * w / 3 else "small"
-    return Detected(colour, CELLS[row * 3 + col], shape, size, len(xs))
+    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 + 2 * ERODE
+    # Objects span 0.45 (small) or 0.85 (large) of a cell.
+    size = "large" if extent > 0.65 * w / 3 else "small"
+    return Detected(colour, CELLS[row * 3 + col], classify_shape(mask), size, len(xs))
 
 
 def read_scene(image: Image.Image) -> tuple[str, list[Detected]]:
@@ -80,7 +91,9 @@ def read_scene(image: Image.Image) -> tuple[str, list[Detected]]:
     for index, colour in enumerate(COLOURS):
         if index == background:
             continue
-        mask = erode(labels == index)
+        mask = labels == index
+        for _ in range(ERODE):
+            mask = erode(mask)
         if mask.sum() >= MIN_AREA:
             found.append(measure(mask, colour))
     return COLOURS[background], sorted(found, key=lambda d: -d.area)

@@ -71,15 +71,35 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train_vae(
-    out: Path, steps: int, batch_size: int = 4, size: int = 128, crop: int = 64, lr: float = 2e-3, seed: int = 0,
+    out: Path, steps: int, batch_size: int = 4, size: int = 128, crop: int = 64, lr: float = 2.5e-4, seed: int = 0,
     save_every: int = 100, config: VAEConfig = VAE_CONFIG,
 ) -> AutoencoderKL:
-    """Train on crops (a quarter of the cost of whole pictures; the network is convolutional)."""
+    """Train encoder and decoder on crops (a quarter of the cost of whole pictures; the network
+    is convolutional). Higher learning rates stall this narrow network for hundreds of steps."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     vae = AutoencoderKL(config)
-    optimizer, schedule = make_optimizer(vae.parameters(), lr, steps, weight_decay=0.0)
-    bar = tqdm(range(steps), desc="vae", mininterval=2.0)
+    fit(vae, vae.parameters(), out, steps, batch_size, size, crop, lr, random.Random(seed), save_every, "vae")
+    return vae.eval()
+
+
+def finetune_decoder(
+    vae: AutoencoderKL, out: Path, steps: int, batch_size: int = 4, size: int = 128, crop: int = 64,
+    lr: float = 2.5e-4, seed: int = 10, save_every: int = 100,
+) -> AutoencoderKL:
+    """Sharpen the decoder with the encoder frozen: the latents, and so the NextStep trained on
+    them, stay exactly as they are."""
+    torch.manual_seed(seed)
+    vae.encoder.requires_grad_(False)
+    fit(vae, vae.decoder.parameters(), out, steps, batch_size, size, crop, lr, random.Random(seed), save_every, "decoder")
+    vae.encoder.requires_grad_(True)
+    return vae.eval()
+
+
+def fit(vae, parameters, out, steps, batch_size, size, crop, lr, rng, save_every, name) -> None:
+    parameters = list(parameters)
+    optimizer, schedule = make_optimizer(parameters, lr, steps, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(steps), desc=name, mininterval=2.0)
     for step in bar:
         pixels = crop_batch(rng, batch_size, size, crop)
         latents = encode(vae, pixels)
@@ -88,10 +108,9 @@ def train_vae(
         loss = F.mse_loss(decoded, pixels) + F.l1_loss(decoded, pixels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(decoded.detach(), pixels):.1f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
             vae.save_pretrained(out)
-    return vae.eval()
