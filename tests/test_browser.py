@@ -131,6 +131,7 @@ def test_stop_ends_a_generation(page, tmp_path):
     page.click("#generate-stop")
     page.wait_for_function("document.querySelector('#generate-status').innerText.includes('Stopped')",
                            timeout=10_000)
+    time.sleep(1)  # a frame already on its way may still land
     stopped = page.locator("#generate-preview img").get_attribute("src")
     time.sleep(2)
     page.screenshot(path=tmp_path / "stopped.png")
