@@ -25,7 +25,9 @@ except ImportError:
 import gradio as gr
 
 from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
+from nextstep.inputs import load_image
 from nextstep.sampling import SAMPLERS
+from nextstep.scheduler import Busy, GenerationFailed
 from nextstep.serving import (
     MAX_UI_SEED,
     SharedPipeline,
@@ -46,7 +48,10 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "assets/shapes-model"
 EXAMPLES = ROOT / "assets" / "examples" / "examples.json"  # prompts and edits checked against that model
 MAX_QUEUE = 16  # requests waiting for the model; more are turned away with a message
-MODEL_QUEUE = "model"  # every event that runs a model shares one queue: one device, one generation at a time
+MODEL_QUEUE = "model"  # every event that runs a model shares one queue
+# Requests in flight at once: the scheduler decodes compatible ones in one token loop, so up to
+# a batch of them hand their work to it together instead of one at a time.
+MAX_BATCH = 8
 # Shown when no checked examples ship with the app.
 FALLBACK_PROMPTS = [
     {"prompt": "a red circle on a white background", "seed": 0},
@@ -182,6 +187,27 @@ def remember_selection(event: gr.SelectData) -> int:
     return event.index
 
 
+class ImageUpload(gr.Image):
+    """``gr.Image`` whose uploads reach the handler as undecoded file paths, so that unreadable,
+    truncated or oversized files get ``nextstep.inputs``' clear messages rather than failing
+    inside Gradio's own decoding."""
+
+    is_template = True  # drawn by the frontend as a plain image input
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return super().preprocess(payload)
+
+
+def input_size(path: str | None) -> tuple[int, int] | None:
+    """(width, height) of a readable input image, else None (the edit reports the problem)."""
+    try:
+        return load_image(path).size if path else None
+    except ValueError:
+        return None
+
+
 def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.Button]:
     with gr.Row():
         run = gr.Button(label, variant="primary", interactive=enabled, elem_id=f"{prefix}-run")
@@ -213,7 +239,7 @@ def stream_to_page(service: SharedPipeline, defaults: dict, prompt: str, image, 
             else:
                 preview_frame = tile(frame.preview) if frame.preview else gr.skip()
                 yield preview_frame, gr.skip(), frame.status(), gr.skip(), gr.skip()
-    except ValueError as error:  # the pipeline's messages are written for users
+    except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
         raise gr.Error(str(error)) from None
 
 
@@ -275,7 +301,7 @@ def build_demo(services: Services) -> gr.Blocks:
                     gr.Markdown(f"**{NO_EDIT_MODEL}**", elem_id="edit-unavailable")
                 with gr.Row():
                     with gr.Column(scale=2):
-                        input_image = gr.Image(label="Input image", type="pil",
+                        input_image = ImageUpload(label="Input image", type="filepath",
                                                sources=["upload", "clipboard", "webcam"], height=280,
                                                elem_id="edit-image")
                         instruction = gr.Textbox(label="Instruction", lines=2, placeholder="What to change",
@@ -325,12 +351,12 @@ def build_demo(services: Services) -> gr.Blocks:
         generation = gr.on(
             [generate_button.click, prompt.submit], generate, [prompt, *generate_controls.inputs()],
             generate_results.outputs(generate_controls.seed), api_name="generate", concurrency_id=MODEL_QUEUE,
-            concurrency_limit=1, show_progress="minimal", show_progress_on=[generate_results.status],
+            concurrency_limit=MAX_BATCH, show_progress="minimal", show_progress_on=[generate_results.status],
         )
         editing = gr.on(
             [edit_button.click, instruction.submit], edit, [input_image, instruction, *edit_controls.inputs()],
             edit_results.outputs(edit_controls.seed), api_name="edit", concurrency_id=MODEL_QUEUE,
-            concurrency_limit=1, show_progress="minimal", show_progress_on=[edit_results.status],
+            concurrency_limit=MAX_BATCH, show_progress="minimal", show_progress_on=[edit_results.status],
         )
         for stop, event, results in ((generate_stop, generation, generate_results),
                                      (edit_stop, editing, edit_results)):
@@ -344,8 +370,11 @@ def build_demo(services: Services) -> gr.Blocks:
                            api_visibility="private")
         # A new input image picks the output size nearest to its aspect ratio, near the default area.
         edit_area = default_size(edit_sizes, edit_defaults.get("hw")).area
-        input_image.change(lambda image: closest_size(*image.size, edit_sizes, edit_area).value if image else gr.skip(),
-                           input_image, edit_controls.size, api_visibility="private")
+        def size_for_input(path):
+            size = input_size(path)
+            return closest_size(*size, edit_sizes, edit_area).value if size else gr.skip()
+
+        input_image.change(size_for_input, input_image, edit_controls.size, api_visibility="private")
     demo.queue(max_size=MAX_QUEUE)
     return demo
 

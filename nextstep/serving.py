@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .pipeline import GenerationResult, NextStepPipeline, StreamEvent
+from .pipeline import GenerationResult, NextStepPipeline
+from .scheduler import Scheduler, Ticket
 
 PARAMETERS_KEY = "parameters"  # PNG text chunk holding the generation parameters as JSON
 STORED_SETTINGS = "generation_config.json"  # a trained model's tuned settings, per task
@@ -243,38 +243,40 @@ class Progress:
         )
 
 
-@dataclass
 class SharedPipeline:
-    """One pipeline used by many callers: a lock lends the model to one generation at a time,
-    and closing a stream (a cancelled request) gives it back at once.
+    """One pipeline used by many callers through a ``Scheduler``: concurrent requests that can
+    share a token loop are decoded together, each keeps its own result, and closing a stream
+    (Stop, a closed tab) withdraws that request alone at the next token.
 
     Frames are throttled to one per ``frame_interval`` seconds, so a fast model does not flood
     the browser; the latest preview is kept until it can be sent, and the result always is.
     """
 
-    pipe: NextStepPipeline
-    frame_interval: float = 0.25
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    def __init__(
+        self, pipe: NextStepPipeline, frame_interval: float = 0.25, max_batch: int = 8, max_waiting: int = 16,
+        time_limit: float = 600.0,
+    ):
+        self.pipe = pipe
+        self.frame_interval = frame_interval
+        self.scheduler = Scheduler(pipe, max_batch=max_batch, max_waiting=max_waiting, time_limit=time_limit)
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        return self.scheduler.load > 0
 
-    def stream(self, prompt: str, image: Image.Image | None = None, **settings) -> Iterator[Progress]:
-        """Validate now (ValueError with a readable message), then wait for the model and sample."""
-        return self._frames(self.pipe.stream(prompt, image, **settings))
+    def stream(self, prompt: str, image=None, **settings) -> Iterator[Progress]:
+        """Validate and queue now (ValueError with a readable message; ``Busy`` when the line is
+        full), then yield frames; failures arrive as ``GenerationFailed``."""
+        return self._frames(self.scheduler.submit(prompt, image, **settings))
 
-    # Successive steps of a generator may run on different threads: the decorator re-enters
-    # inference mode at every step, and a plain Lock may be released from any thread.
-    @torch.inference_mode()
-    def _frames(self, events: Iterator[StreamEvent]) -> Iterator[Progress]:
-        self._lock.acquire()
+    def _frames(self, ticket: Ticket) -> Iterator[Progress]:
         try:
-            start = time.monotonic()
+            start = None
             last_frame = -math.inf
             pending = None
-            for event in events:
+            for event in ticket:
                 now = time.monotonic()
+                start = start if start is not None else now  # the first token: the model is at work
                 pending = event.preview or pending
                 if event.result is not None:
                     for image in event.result.images:
@@ -284,5 +286,4 @@ class SharedPipeline:
                     yield Progress(event.done, event.total, now - start, preview=pending)
                     last_frame, pending = now, None
         finally:
-            events.close()  # drop the KV cache and buffers before the next request takes the model
-            self._lock.release()
+            ticket.cancel()  # a no-op once finished; otherwise leaves its batch at the next token

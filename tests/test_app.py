@@ -184,7 +184,12 @@ def test_concurrent_requests_do_not_mix(served):
     alone = [pixels(final_images(run(Client(served[0], verbose=False), "/generate", **r)[1])[0]) for r in requests]
     jobs = [Client(served[0], verbose=False).submit(api_name="/generate", **r) for r in requests]
     together = [pixels(final_images(job.result())[0]) for job in jobs]
-    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+    # Decoded together, each request keeps its own image: the only change allowed is the
+    # rounding of batched matrix products, at most 1 of 255 on a pixel (the parity tolerance).
+    for mine, own in zip(together, alone):
+        assert np.abs(mine.astype(int) - own.astype(int)).max() <= 1
+        assert (mine != own).mean() < 0.01
+    assert not np.array_equal(together[0], together[1])
 
 
 def start_long_generation(client: Client):
@@ -316,7 +321,10 @@ def test_closing_a_stream_frees_the_model(tiny_pipe):
     frames = shared.stream("a red circle", hw=(64, 64), num_sampling_steps=2, seed=1)
     next(frames)
     assert shared.busy
-    frames.close()
+    frames.close()  # the request leaves at the next token
+    deadline = time.monotonic() + 1.0
+    while shared.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not shared.busy
 
 
