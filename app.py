@@ -25,7 +25,7 @@ except ImportError:
 import gradio as gr
 
 from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
-from nextstep.inputs import load_image
+from nextstep.inputs import clean_text, load_image, number
 from nextstep.sampling import SAMPLERS
 from nextstep.scheduler import Busy, GenerationFailed
 from nextstep.serving import (
@@ -141,27 +141,27 @@ def sampling_controls(prefix: str, defaults: dict, sizes: list[Size], edit: bool
     with gr.Accordion("Settings", open=True):
         size = gr.Dropdown(choices, value=default_size(sizes, defaults.get("hw")).value,
                            label="Size (width × height)", elem_id=f"{prefix}-size")
-        num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
+        num_images = CheckedSlider(1, 4, value=1, step=1, label="Images")
         with gr.Row():
-            cfg = gr.Slider(1, 15, value=defaults["cfg"], step=0.1, label="Text guidance",
+            cfg = CheckedSlider(1, 15, value=defaults["cfg"], step=0.1, label="Text guidance",
                             info="How strongly the image follows the text")
-            cfg_img = gr.Slider(1, 10, value=defaults["cfg_img"], step=0.1, label="Image guidance",
+            cfg_img = CheckedSlider(1, 10, value=defaults["cfg_img"], step=0.1, label="Image guidance",
                                 info="How strongly the result keeps the input image") if edit else None
         with gr.Row():
-            steps = gr.Slider(1, 100, value=defaults["num_sampling_steps"], step=1,
+            steps = CheckedSlider(1, 100, value=defaults["num_sampling_steps"], step=1,
                               label="Sampling steps per token", elem_id=f"{prefix}-steps")
-            shift = gr.Slider(0.1, 10, value=defaults["timesteps_shift"], step=0.1, label="Time shift")
+            shift = CheckedSlider(0.1, 10, value=defaults["timesteps_shift"], step=0.1, label="Time shift")
         with gr.Row():
             schedule = gr.Radio(SCHEDULES, value=defaults["cfg_schedule"], label="Guidance schedule")
             sampler = gr.Dropdown(list(SAMPLERS), value=defaults["sampler"], label="Sampler",
                                   info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")
         with gr.Row():
-            seed = gr.Number(value=0, minimum=0, maximum=MAX_UI_SEED, precision=0, label="Seed")
+            seed = CheckedNumber(value=0, minimum=0, maximum=MAX_UI_SEED, precision=0, label="Seed")
             randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
         with gr.Row():
             preview = gr.Radio(PREVIEW_MODES, value="vae", label="Live preview",
                                info="Exact runs the VAE decoder; Fast is a nearly free colour map")
-            preview_every = gr.Slider(1, 64, value=8, step=1, label="Preview every N tokens")
+            preview_every = CheckedSlider(1, 64, value=8, step=1, label="Preview every N tokens")
     with gr.Accordion("Prompts", open=edit):
         negative_prompt = gr.Textbox(value=defaults["negative_prompt"], label="Negative prompt",
                                      placeholder="What the image should avoid")
@@ -200,6 +200,31 @@ class ImageUpload(gr.Image):
         return super().preprocess(payload)
 
 
+def checked_number(payload, label: str | None):
+    """An API caller's value for a numeric input: numeric text is read, anything else that is
+    not a finite number gets a readable message (Gradio's own check would fail with a crash)."""
+    if payload is None:
+        return None
+    try:
+        return number(payload, label or "value")
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+
+
+class CheckedSlider(gr.Slider):
+    is_template = True  # drawn by the frontend as a plain slider
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_number(payload, self.label))
+
+
+class CheckedNumber(gr.Number):
+    is_template = True  # drawn by the frontend as a plain number box
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_number(payload, self.label))
+
+
 def input_size(path: str | None) -> tuple[int, int] | None:
     """(width, height) of a readable input image, else None (the edit reports the problem)."""
     try:
@@ -230,6 +255,8 @@ def stream_to_page(service: SharedPipeline, defaults: dict, prompt: str, image, 
     if cfg_img is not None:
         settings["cfg_img"] = cfg_img
     try:
+        if not clean_text(prompt, "prompt"):
+            raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
         frames = service.stream(prompt, image, preview=preview, preview_every=int(preview_every), **settings)
         yield None, None, "Waiting for the model…", None, seed
         for frame in frames:

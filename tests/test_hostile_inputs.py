@@ -1,0 +1,162 @@
+"""Hostile and odd input through the running app's API: each gets a clear message or a sensible
+normalisation, never a crash, and a normal request right after it succeeds."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from .test_app import GENERATE, final_images, launched, tiny_services
+
+pytestmark = pytest.mark.slow
+
+EDIT = dict(instruction="Make it blue.", size="64x64", steps=2, seed=3, randomize_seed=False, preview="none")
+QUICK = dict(GENERATE, size="64x64", steps=2, preview="none")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with launched(tiny_services()) as url:
+        yield Client(url, verbose=False)
+
+
+def still_serves(client: Client) -> None:
+    assert final_images(client.predict(**QUICK, api_name="/generate"))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixel data is a stub): a decompression bomb's
+    calling card, cheap to make."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def saved(tmp_path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def picture() -> Image.Image:
+    image = Image.new("RGB", (64, 48), "blue")
+    image.paste((255, 0, 0), (0, 0, 32, 24))
+    return image
+
+
+REFUSED = {
+    "corrupt.png": (lambda: b"\x89PNG\r\n\x1a\n" + b"\x13" * 200, "could not be read as an image"),
+    "truncated.png": (lambda: encoded(picture().resize((256, 256)), "PNG")[:300], "could not be read as an image"),
+    "bomb.png": (lambda: png_header_only(30000, 30000), "too large"),
+    "wide.png": (lambda: png_header_only(13000, 10), "too large"),
+    "empty.png": (lambda: b"", "could not be read as an image"),
+    "notes.png": (lambda: b"just some text, not a picture", "could not be read as an image"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_unreadable_or_oversized_images_are_refused_clearly(client, tmp_path, name):
+    make, message = REFUSED[name]
+    with pytest.raises(AppError, match=message):
+        client.predict(image=handle_file(saved(tmp_path, name, make())), **EDIT, api_name="/edit")
+    still_serves(client)
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ("red", "green")]
+    return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encoded(picture(), "JPEG", exif=exif)
+
+
+NORMALISED = {
+    "rgba.png": lambda: encoded(picture().convert("RGBA"), "PNG"),
+    "palette.png": lambda: encoded(picture().convert("P"), "PNG"),
+    "grey.png": lambda: encoded(picture().convert("L"), "PNG"),
+    "cmyk.jpg": lambda: encoded(picture().convert("CMYK"), "JPEG"),
+    "deep.png": lambda: encoded(Image.fromarray(np.full((48, 64), 40000, dtype=np.uint16)), "PNG"),
+    "animated.gif": animated_gif,
+    "rotated.jpg": exif_rotated_jpeg,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMALISED))
+def test_odd_images_are_normalised_and_edited(client, tmp_path, name):
+    outputs = client.predict(image=handle_file(saved(tmp_path, name, NORMALISED[name]())), **EDIT, api_name="/edit")
+    [final] = final_images(outputs)
+    assert Image.open(final).size == (64, 64)
+
+
+BAD_SETTINGS = [
+    (dict(prompt=""), "Enter a prompt"),
+    (dict(prompt="   \n\t "), "Enter a prompt"),
+    (dict(prompt="a red circle " * 400), "too long"),
+    (dict(prompt=None), "Enter a prompt"),
+    (dict(cfg="lots"), "must be a number"),
+    (dict(cfg=0.2), "less than minimum"),
+    (dict(steps=1e9), "greater than maximum"),
+    (dict(num_images="two"), "must be a number"),
+    (dict(seed="abc"), "must be a number"),
+    (dict(size="99999x99999"), "not in the list of choices"),
+    (dict(schedule="cosine"), "not in the list of choices"),
+    (dict(preview_every=0), "less than minimum"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_SETTINGS)
+def test_bad_settings_get_a_message(client, change, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(**dict(QUICK, **change), api_name="/generate")
+    still_serves(client)
+
+
+def test_control_characters_leave_the_prompt(client):
+    outputs = client.predict(**dict(QUICK, prompt="a red\x00 circle\x1b[31m"), api_name="/generate")
+    assert outputs[3]["prompt"] == "a red circle[31m"
+
+
+def test_numbers_sent_as_text_are_read(client):
+    outputs = client.predict(**dict(QUICK, cfg="2.5", steps="2", seed="11"), api_name="/generate")
+    assert outputs[3]["cfg"] == 2.5 and outputs[3]["seed"] == 11
+
+
+def test_a_number_as_prompt_is_read_as_text(client):
+    assert client.predict(**dict(QUICK, prompt=12), api_name="/generate")[3]["prompt"] == "12"
+
+
+def test_a_full_line_is_told_to_come_back_and_the_server_goes_on(tiny_pipe):
+    import app
+    from nextstep.serving import SharedPipeline
+
+    shared = SharedPipeline(tiny_pipe, frame_interval=0.0, max_batch=1, max_waiting=1)
+    with launched(app.Services(shared, shared)) as url:
+        slow = dict(QUICK, size="128x64", steps=40)
+        jobs = [Client(url, verbose=False).submit(**dict(slow, seed=seed), api_name="/generate") for seed in (1, 2, 3)]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(bool(final_images(job.result())))
+            except AppError as error:
+                outcomes.append(str(error))
+        assert sum(outcome is True for outcome in outcomes) >= 1
+        assert any(isinstance(o, str) and "busy" in o for o in outcomes)
+        assert final_images(Client(url, verbose=False).predict(**QUICK, api_name="/generate"))
