@@ -28,9 +28,11 @@ from .model import NextStepModel
 from .pipeline import GenerationRequest, NextStepPipeline
 from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
 from .sampling import sample_token
+from .serving import page_defaults
 from .train.vocab import build_tokenizer
 from .vae import AutoencoderKL, VAEConfig
 
+SETTINGS_FROM_DEFAULTS = ("num_sampling_steps", "cfg", "timesteps_shift", "cfg_schedule", "use_norm", "sampler")
 PROMPT = "a large red circle in the top left corner of a blue background, high quality"
 NEGATIVE = "blurry, low quality"
 _BACKBONE_BASE = dict(
@@ -140,6 +142,8 @@ def timed_generation(pipe: NextStepPipeline, settings: dict, preview: str, previ
 class GrowingKVCache:
     """The plain loop's cache: keys and values concatenated one token at a time."""
 
+    flash = None  # the plain loop attends with SDPA
+
     def __init__(self, layers: int):
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
@@ -205,10 +209,12 @@ def run(args) -> dict:
     if args.compile:
         pipe.compile()
     height, width = (int(v) for v in args.hw.lower().split("x"))
-    settings = dict(
-        hw=(height, width), num_sampling_steps=args.steps, cfg=args.cfg, negative_prompt=NEGATIVE, seed=0,
-        sampler=args.sampler,
-    )
+    # The settings a page would start from (the model's stored ones where it has them), then the flags.
+    defaults = page_defaults(pipe, edit=False)
+    settings = {name: defaults[name] for name in SETTINGS_FROM_DEFAULTS if name in defaults}
+    chosen = dict(num_sampling_steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+    settings.update({name: value for name, value in chosen.items() if value is not None})
+    settings.update(hw=(height, width), negative_prompt=NEGATIVE, seed=0)
     tokens = (height // pipe.down_factor) * (width // pipe.down_factor)
 
     timed_generation(pipe, dict(settings, hw=(pipe.down_factor * 2,) * 2), "none", 8)  # warm-up
@@ -219,7 +225,8 @@ def run(args) -> dict:
     split = timer.seconds
     report = dict(
         model=pipe.name, device=str(pipe.device), dtype=args.dtype, hw=[height, width], tokens=tokens,
-        steps=args.steps, cfg=args.cfg, sampler=plain["result"].parameters["sampler"], preview=args.preview,
+        steps=settings["num_sampling_steps"], cfg=settings["cfg"], sampler=plain["result"].parameters["sampler"],
+        preview=args.preview,
         preview_every=args.preview_every, threads=torch.get_num_threads(), compiled=args.compile,
         seconds_per_image=plain["seconds"],
         seconds_per_image_with_previews=with_previews["seconds"],
@@ -282,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="random weights of this shape")
     parser.add_argument("--vae", help="VAE directory or Hub id (with --model)")
     parser.add_argument("--hw", default="128x128", help="HEIGHTxWIDTH in pixels")
-    parser.add_argument("--steps", type=int, default=50, help="flow-head sampling steps per token")
-    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, help="flow-head sampling steps per token (default: the model's)")
+    parser.add_argument("--cfg", type=float, help="text guidance (default: the model's)")
     parser.add_argument("--sampler", default=None, help="v1, sde, cps or ode (default: the model family's)")
     parser.add_argument("--preview", choices=["vae", "fast", "none"], default="fast")
     parser.add_argument("--preview-every", type=int, default=8)
