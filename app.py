@@ -342,13 +342,15 @@ def build_demo(services: Services) -> gr.Blocks:
         model_panel(services)
         # Examples set the seed they were checked with, so they reproduce.
         with generate_examples:
-            gr.Examples([[e["prompt"], e["seed"], False] for e in examples["text_to_image"] or FALLBACK_PROMPTS],
+            prompts = examples["text_to_image"] or FALLBACK_PROMPTS
+            gr.Examples([[e["prompt"], e["seed"], False] for e in prompts],
                         inputs=[prompt, generate_controls.seed, generate_controls.randomize_seed],
-                        cache_examples=False)
+                        example_labels=[e["prompt"] for e in prompts], examples_per_page=6, cache_examples=False)
         if examples["edit"]:
             with edit_examples:
                 gr.Examples([[e["image"], e["instruction"], e["seed"], False] for e in examples["edit"]],
                             inputs=[input_image, instruction, edit_controls.seed, edit_controls.randomize_seed],
+                            example_labels=[e["instruction"] for e in examples["edit"]], examples_per_page=6,
                             cache_examples=False)
 
         @on_gpu
