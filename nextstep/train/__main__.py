@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune", type=int, nargs=3, default=(12, 8, 10), metavar=("SINGLES", "PAIRS", "EDITS"),
                         help="validation prompts per candidate setting (0 0 0 keeps the base settings)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest for these small shapes on a busy 2-core CPU")
+    parser.add_argument("--finish-only", action="store_true",
+                        help="only choose the sampling defaults and write the examples, for the model already in OUT")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir, vae_dir = args.out / MODEL_DIR, args.out / VAE_DIR
@@ -55,6 +57,20 @@ def main(argv: list[str] | None = None) -> None:
         record[f"{name}_done_after_s"] = round(time.perf_counter() - started, 1)
         print(f"[{name}] done after {record[f'{name}_done_after_s']:.0f} s", flush=True)
 
+    if not args.finish_only:
+        train(args, model_dir, vae_dir, record, stage_done)
+        if args.model_steps == 0:  # the VAE alone
+            return
+    finish(args, model_dir, stage_done)
+    record_file = model_dir / TRAINING_RECORD
+    if args.finish_only and record_file.is_file():  # keep the training stages' figures
+        record = dict(json.loads(record_file.read_text()), finish_command=record["command"], **{
+            k: v for k, v in record.items() if k.endswith("_done_after_s")})
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+def train(args, model_dir: Path, vae_dir: Path, record: dict, stage_done) -> None:
     tokenizer = build_tokenizer(vocabulary())
     if args.reuse_vae:
         vae = AutoencoderKL.from_directory(vae_dir)
@@ -65,7 +81,6 @@ def main(argv: list[str] | None = None) -> None:
         stage_done("vae")
     if args.model_steps == 0:
         return
-
     pool = build_pool(vae, args.scenes, seed=args.seed + 1)
     record["pool"] = {"scenes": len(pool.scenes), "edits": len(pool.edits)}
     stage_done("encode")
@@ -84,8 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         model, pool, PromptBuilder(tokenizer, config.boi), args.model_steps, args.batch_size, seed=args.seed + 3, save=save
     )
     record["final_loss_avg100"] = sum(losses[-100:]) / len(losses[-100:])
+    record["vae_steps"], record["model_steps"], record["batch_size"] = args.vae_steps, args.model_steps, args.batch_size
     stage_done("model")
 
+
+def finish(args, model_dir: Path, stage_done) -> None:
     pipe = NextStepPipeline.from_pretrained(model_dir)
     singles, pairs, edits = args.tune
     if singles or pairs or edits:
@@ -96,9 +114,6 @@ def main(argv: list[str] | None = None) -> None:
     stage_done("tune")
     write_examples(pipe, read_defaults(model_dir), args.out / "examples")
     stage_done("examples")
-    record["vae_steps"], record["model_steps"], record["batch_size"] = args.vae_steps, args.model_steps, args.batch_size
-    (model_dir / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

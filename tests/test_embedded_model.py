@@ -1,0 +1,41 @@
+"""The model shipped in assets/ loads through the public pipeline and draws and edits with its stored settings."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nextstep import NextStepPipeline
+from nextstep.train.sampling_defaults import read_defaults
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MODEL = ASSETS / "shapes-model"
+EXAMPLES = ASSETS / "examples"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return NextStepPipeline.from_pretrained(MODEL), read_defaults(MODEL)
+
+
+def test_assets_fit_the_size_budget():
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    for directory in (MODEL, ASSETS / "shapes-vae"):
+        assert (directory / "README.md").is_file() and (directory / "config.json").is_file()
+
+
+def test_text_to_image_with_stored_settings(shipped):
+    pipe, settings = shipped
+    image = pipe.generate("a large red circle in the center on a white background", seed=0, **settings["text_to_image"]).images[0]
+    assert image.size == tuple(settings["text_to_image"]["hw"])
+
+
+def test_edit_of_the_example_input(shipped):
+    pipe, settings = shipped
+    examples = json.loads((EXAMPLES / "examples.json").read_text())
+    example = examples["edit"][0]
+    source = Image.open(EXAMPLES / example["image"])
+    image = pipe.generate(example["instruction"], source, seed=example["seed"], **settings["edit"]).images[0]
+    assert image.size == source.size
