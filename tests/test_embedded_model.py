@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from nextstep import NextStepPipeline
@@ -16,7 +17,11 @@ EXAMPLES = ASSETS / "examples"
 
 @pytest.fixture(scope="module")
 def shipped():
-    return NextStepPipeline.from_pretrained(MODEL), read_defaults(MODEL)
+    # Per-token work of a model this small runs fastest on one thread (two fight over a busy CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield NextStepPipeline.from_pretrained(MODEL), read_defaults(MODEL)
+    torch.set_num_threads(threads)
 
 
 def test_assets_fit_the_size_budget():
