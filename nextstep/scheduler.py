@@ -3,8 +3,9 @@ requests together.
 
 Requests wait in a bounded line. When the model is free the worker takes the oldest request and
 every waiting request that can share its token loop (same ``batch_key``), up to ``max_batch``
-images, and decodes them together; each keeps its own seed, prompt, guidance and preview
-stream, and gets the same result it would alone. A request that arrives while a batch runs
+images, and decodes them together, after giving company a quarter of a second to arrive; each
+keeps its own seed, prompt, guidance and preview stream, and gets the result it would get alone
+(up to the rounding of batched matrix products: 1 of 255 at most). A request that arrives while a batch runs
 waits for the next batch: joining mid-way would need its prompt prefilled beside rows that are
 already many tokens in, for a latency gain of one batch at most.
 
@@ -96,9 +97,14 @@ class Scheduler:
     """Owns ``pipe`` on a worker thread; ``submit`` from any thread."""
 
     def __init__(
-        self, pipe: NextStepPipeline, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0
+        self, pipe: NextStepPipeline, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0,
+        gather_seconds: float = 0.25,
     ):
+        """gather_seconds: how long a request may wait for company before its batch starts. Users
+        whose previous image just finished send their next request within a moment; without this
+        the first to arrive would start alone and the rest wait a whole generation for it."""
         self.pipe = pipe
+        self.gather_seconds = gather_seconds
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.time_limit = time_limit
@@ -161,7 +167,8 @@ class Scheduler:
                     self._running = 0
 
     def _next_batch(self) -> list[Ticket] | None:
-        """The oldest live request and the waiting ones that can share its token loop."""
+        """The oldest live request and the waiting ones that can share its token loop, gathered
+        until ``gather_seconds`` after the oldest arrived (or the batch is full)."""
         with self._condition:
             while True:
                 while self._waiting and self._waiting[0].cancelled:
@@ -175,12 +182,19 @@ class Scheduler:
             batch, images = [first], first.request.num_images
             if not first.run_alone:
                 key = self.pipe.batch_key(first.request)
-                for ticket in list(self._waiting):
-                    fits = images + ticket.request.num_images <= self.max_batch
-                    if fits and not ticket.run_alone and not ticket.cancelled and self.pipe.batch_key(ticket.request) == key:
-                        self._waiting.remove(ticket)
-                        batch.append(ticket)
-                        images += ticket.request.num_images
+                gather_until = first.submitted + self.gather_seconds
+                while True:
+                    for ticket in list(self._waiting):
+                        fits = images + ticket.request.num_images <= self.max_batch
+                        same = not ticket.run_alone and self.pipe.batch_key(ticket.request) == key
+                        if fits and same and not ticket.cancelled:
+                            self._waiting.remove(ticket)
+                            batch.append(ticket)
+                            images += ticket.request.num_images
+                    left = gather_until - time.monotonic()
+                    if left <= 0 or images >= self.max_batch or self._closed:
+                        break
+                    self._condition.wait(left)
             self._running = len(batch)
             return batch
 
