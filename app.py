@@ -23,6 +23,7 @@ except ImportError:
 
 
 import gradio as gr
+import torch
 
 from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
 from nextstep.inputs import clean_text, load_image, number
@@ -429,6 +430,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cuda, cpu, cuda:1, … [env NEXTSTEP_DEVICE; default: cuda when available]")
     parser.add_argument("--dtype", default=env("NEXTSTEP_DTYPE"), choices=["float32", "bfloat16", "float16"],
                         help="[env NEXTSTEP_DTYPE; default: bfloat16 on GPU, float32 on CPU]")
+    parser.add_argument("--threads", type=int, default=int(env("NEXTSTEP_THREADS", "0")) or None,
+                        help="CPU threads for torch [env NEXTSTEP_THREADS; default: 1 on CPU, where small "
+                             "models are bound by per-operation overhead and share the cores with the server]")
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="[env GRADIO_SERVER_NAME; default 127.0.0.1]")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
@@ -447,6 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    threads = args.threads or (1 if pick_device(args.device) == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype)
     except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:

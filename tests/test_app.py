@@ -258,6 +258,8 @@ def test_flags_have_environment_equivalents(monkeypatch):
     args = app.parse_args([])
     assert (args.model, args.dtype, args.port, args.host) == ("some/model", "bfloat16", 7999, "127.0.0.1")
     assert app.parse_args(["--port", "8000"]).port == 8000
+    monkeypatch.setenv("NEXTSTEP_THREADS", "3")
+    assert app.parse_args([]).threads == 3
 
 
 def test_unloadable_model_is_a_message_not_a_traceback():
