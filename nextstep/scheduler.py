@@ -235,8 +235,11 @@ class Scheduler:
                         ticket._put(GenerationFailed(f"The generation took longer than the limit of {limit} and was stopped."))
                 elif k + 1 < job.total:
                     due = ticket.preview != "none" and (k + 1) % ticket.preview_every == 0
-                    preview = self.pipe.preview(job, ticket.preview) if due else None
-                    ticket._put(StreamEvent(k + 1, job.total, preview))
+                    # Progress alone is sent only when the reader has taken the last one: a reader
+                    # woken for every token of every request would compete with this loop.
+                    if due or ticket._events.empty():
+                        preview = self.pipe.preview(job, ticket.preview) if due else None
+                        ticket._put(StreamEvent(k + 1, job.total, preview))
         for ticket, (job, seed) in active.items():
             ticket._put(StreamEvent(job.total, job.total, None, self.pipe.finish(job, ticket.request, seed)))
 
