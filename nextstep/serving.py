@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .pipeline import GenerationResult, NextStepPipeline
 from .scheduler import Scheduler, Ticket
@@ -181,6 +181,13 @@ def with_parameters(image: Image.Image, parameters: dict) -> Image.Image:
     """Attach parameters to an image; PNG writers (Gradio's included) store ``info`` text as tEXt chunks."""
     image.info[PARAMETERS_KEY] = json.dumps(parameters, sort_keys=True)
     return image
+
+
+def save_with_parameters(image: Image.Image, parameters: dict, path: str | Path) -> None:
+    """Write a PNG whose ``parameters`` text chunk holds the generation parameters (as the page's)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
+    image.save(path, format="PNG", pnginfo=info)
 
 
 def read_parameters(image: Image.Image | str | Path) -> dict | None:
