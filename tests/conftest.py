@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nextstep import NextStepPipeline
+from nextstep.prompts import guidance_branches
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -38,6 +39,17 @@ def api_kwargs(args: dict) -> dict:
         use_norm=args["use_norm"],
         seed=args["seed"],
     )
+
+
+def case_prompt_batch(pipe, args: dict, image):
+    """The prompt rows our pipeline builds for a fixture case's reference call, tokenized."""
+    grid = (args["hw"][0] // 16, args["hw"][1] // 16)
+    has_image = image is not None
+    branches = guidance_branches(args["cfg"], args["cfg_img"], has_image)
+    rows = pipe.prompts.rows(
+        args["captions"], args["negative_prompt"], args["positive_prompt"], 1, branches, grid if has_image else None
+    )
+    return pipe.prompts.encode(rows, grid)
 
 
 def images_as_array(images) -> torch.Tensor:

@@ -5,11 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from nextstep.pipeline import prepare_image
-from nextstep.prompts import guidance_branches
 from nextstep.sampling import sample_token, time_grid_v1
 from nextstep.vae import ResnetBlock
 
-from .conftest import TINY, api_kwargs, images_as_array, load_case
+from .conftest import TINY, api_kwargs, case_prompt_batch, images_as_array, load_case
 
 COMPONENT_TOL = 1e-5
 TOKEN_TOL = 1e-4
@@ -80,13 +79,7 @@ def test_vae_resnet_block_with_shortcut(components):
 @pytest.mark.parametrize("case", ["t2i_cfg", "t2i_nocfg", "edit"])
 def test_prompt_ids(tiny_pipe, case):
     args, ref, image = load_case(TINY, case)
-    grid = (args["hw"][0] // 16, args["hw"][1] // 16)
-    has_image = image is not None
-    branches = guidance_branches(args["cfg"], args["cfg_img"], has_image)
-    rows = tiny_pipe.prompts.rows(
-        args["captions"], args["negative_prompt"], args["positive_prompt"], 1, branches, grid if has_image else None
-    )
-    batch = tiny_pipe.prompts.encode(rows, grid)
+    batch = case_prompt_batch(tiny_pipe, args, image)
     assert torch.equal(batch.input_ids, ref["input_ids"])
     assert torch.equal(batch.attention_mask, ref["attention_mask"])
 

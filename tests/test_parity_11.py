@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from nextstep import ModelNotFoundError, NextStepPipeline
 from nextstep.families import FAMILIES
 from nextstep.pipeline import prepare_image
-from nextstep.prompts import PromptBuilder, guidance_branches, load_tokenizer
+from nextstep.prompts import PromptBuilder, load_tokenizer
 from nextstep.sampling import guidance_schedule, guide, noise_draws, sample_token, step_to, time_grid
 
-from .conftest import TINY, TINY11, api_kwargs, images_as_array, load_case
+from .conftest import TINY, TINY11, api_kwargs, case_prompt_batch, images_as_array, load_case
 
 COMPONENT_TOL = 1e-5
 TOKEN_TOL = 1e-4
@@ -110,13 +110,7 @@ def test_bundled_vae_stands_in_for_a_configured_path_that_does_not_exist(tiny11_
 @pytest.mark.parametrize("case", CASES)
 def test_prompt_ids(tiny11_pipe, case):
     args, ref, image = load_case(TINY11, case)
-    grid = (args["hw"][0] // 16, args["hw"][1] // 16)
-    has_image = image is not None
-    branches = guidance_branches(args["cfg"], args["cfg_img"], has_image)
-    rows = tiny11_pipe.prompts.rows(
-        args["captions"], args["negative_prompt"], args["positive_prompt"], 1, branches, grid if has_image else None
-    )
-    batch = tiny11_pipe.prompts.encode(rows, grid)
+    batch = case_prompt_batch(tiny11_pipe, args, image)
     assert torch.equal(batch.input_ids, ref["input_ids"])
     assert torch.equal(batch.attention_mask, ref["attention_mask"])
 
