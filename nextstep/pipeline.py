@@ -102,12 +102,14 @@ class NextStepPipeline:
     """
 
     def __init__(
-        self, model: NextStepModel, vae: AutoencoderKL, tokenizer, name: str = "nextstep", family: str | None = None
+        self, model: NextStepModel, vae: AutoencoderKL, tokenizer, name: str = "nextstep", family: str | None = None,
+        directory: Path | None = None,
     ):
         self.model = model
         self.vae = vae
         self.tokenizer = tokenizer
         self.name = name
+        self.directory = directory  # where the checkpoint was loaded from (a Hub id's local snapshot), if anywhere
         self.config = model.config
         self._family = get_family(family or detect_family(self.config))
         self.prompts = PromptBuilder(tokenizer, self.config.boi, bos_as_text=self._family.bos_as_text)
@@ -135,7 +137,7 @@ class NextStepPipeline:
         chosen = chosen or get_family(detect_family(network.config))
         vae_dir = _vae_directory(model_dir, vae, network.config.vae_name_or_path)
         autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=chosen.vae_defaults)
-        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=chosen.name)
+        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=chosen.name, directory=model_dir)
 
     def compile(self, mode: str | None = None) -> None:
         """Compile the flow-head velocity net, the per-token hot spot, with ``torch.compile``.

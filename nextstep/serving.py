@@ -69,8 +69,8 @@ def page_defaults(pipe: NextStepPipeline, edit: bool) -> dict:
     editing, overridden by the settings a model stores beside its weights (``text_to_image``
     and ``edit`` sets in ``generation_config.json``, from our own training), when it has them."""
     settings = {**pipe.default_settings(), "negative_prompt": "", **(OFFICIAL_EDIT if edit else {})}
-    path = Path(pipe.name) / STORED_SETTINGS
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    path = pipe.directory / STORED_SETTINGS if pipe.directory is not None else None
+    stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     settings.update(stored.get("edit" if edit else "text_to_image", {}))
     return settings
 
