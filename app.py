@@ -260,13 +260,17 @@ def stream_to_page(service: SharedPipeline, defaults: dict, prompt: str, image, 
             raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
         frames = service.stream(prompt, image, preview=preview, preview_every=int(preview_every), **settings)
         yield None, None, "Waiting for the model…", None, seed
+        # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
+        # rebuilds a skipped component's whole config (its API schema included), which costs
+        # far more than the frame itself and, with many users, slows the model's thread.
+        shown_preview = None
         for frame in frames:
             if frame.result is not None:
                 images = frame.result.images
                 yield tile(images), images, frame.status(), frame.result.parameters, seed
             else:
-                preview_frame = tile(frame.preview) if frame.preview else gr.skip()
-                yield preview_frame, gr.skip(), frame.status(), gr.skip(), gr.skip()
+                shown_preview = tile(frame.preview) if frame.preview else shown_preview
+                yield shown_preview, None, frame.status(), None, seed
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
         raise gr.Error(str(error)) from None
 
