@@ -3,11 +3,15 @@ requests together.
 
 Requests wait in a bounded line. When the model is free the worker takes the oldest request and
 every waiting request that can share its token loop (same ``batch_key``), up to ``max_batch``
-images, and decodes them together, after giving company a quarter of a second to arrive; each
+images, and decodes them together, after giving company a moment to arrive (see ``_next_batch``); each
 keeps its own seed, prompt, guidance and preview stream, and gets the result it would get alone
 (up to the rounding of batched matrix products: 1 of 255 at most). A request that arrives while a batch runs
 waits for the next batch: joining mid-way would need its prompt prefilled beside rows that are
 already many tokens in, for a latency gain of one batch at most.
+
+A finished batch is turned into pictures (the VAE decode) on a second thread, so the next batch
+starts at once: the token loop is the bottleneck to keep busy, and the decode can use a core the
+loop leaves idle.
 
 Cancelling (Stop, a closed tab, a dropped connection, a time limit) removes a request from its
 batch at the next token; the others go on. Running out of device memory fails only the request
@@ -17,11 +21,13 @@ that needed it: a batch that runs out is split and its requests retried one by o
 from __future__ import annotations
 
 import gc
+import math
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -98,13 +104,18 @@ class Scheduler:
 
     def __init__(
         self, pipe: NextStepPipeline, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0,
-        gather_seconds: float = 0.25,
+        gather_seconds: float = 0.25, regather_seconds: float = 1.0,
     ):
-        """gather_seconds: how long a request may wait for company before its batch starts. Users
-        whose previous image just finished send their next request within a moment; without this
-        the first to arrive would start alone and the rest wait a whole generation for it."""
+        """gather_seconds: how long a request may wait for company before its batch starts.
+        regather_seconds: how long after the results of a batch of several went out the next
+        batch may wait for as many requests. Users whose image just finished send their next request within a moment, one
+        after another as their results arrive; starting with the first of them alone would make
+        the rest wait a whole generation, and split one batch into two from then on."""
         self.pipe = pipe
         self.gather_seconds = gather_seconds
+        self.regather_seconds = regather_seconds
+        # The latest batch: (number, images, when its results had all gone out; inf until then).
+        self._last_batch = (0, 0, -math.inf)
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.time_limit = time_limit
@@ -112,6 +123,7 @@ class Scheduler:
         self._running = 0
         self._condition = threading.Condition()
         self._closed = False
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextstep-finish")
         self._worker = threading.Thread(target=self._work, name="nextstep-scheduler", daemon=True)
         self._worker.start()
 
@@ -152,6 +164,7 @@ class Scheduler:
             self._closed = True
             self._condition.notify()
         self._worker.join()
+        self._finisher.shutdown(wait=True)
 
     # ---- the worker ------------------------------------------------------------------------
 
@@ -168,7 +181,8 @@ class Scheduler:
 
     def _next_batch(self) -> list[Ticket] | None:
         """The oldest live request and the waiting ones that can share its token loop, gathered
-        until ``gather_seconds`` after the oldest arrived (or the batch is full)."""
+        until ``gather_seconds`` after the oldest arrived, or, right after a batch of more images,
+        until as many are here or ``regather_seconds`` after its results went out (or the batch is full)."""
         with self._condition:
             while True:
                 while self._waiting and self._waiting[0].cancelled:
@@ -191,10 +205,12 @@ class Scheduler:
                             self._waiting.remove(ticket)
                             batch.append(ticket)
                             images += ticket.request.num_images
-                    left = gather_until - time.monotonic()
-                    if left <= 0 or images >= self.max_batch or self._closed:
+                    now = time.monotonic()
+                    _, expected, delivered = self._last_batch  # the finisher may update it meanwhile
+                    until = gather_until if images >= expected else max(gather_until, delivered + self.regather_seconds)
+                    if now >= until or images >= self.max_batch or self._closed:
                         break
-                    self._condition.wait(left)
+                    self._condition.wait(None if until == math.inf else until - now)
             self._running = len(batch)
             return batch
 
@@ -240,8 +256,22 @@ class Scheduler:
                     if due or ticket._events.empty():
                         preview = self.pipe.preview(job, ticket.preview) if due else None
                         ticket._put(StreamEvent(k + 1, job.total, preview))
-        for ticket, (job, seed) in active.items():
-            ticket._put(StreamEvent(job.total, job.total, None, self.pipe.finish(job, ticket.request, seed)))
+        with self._condition:
+            number = self._last_batch[0] + 1
+            self._last_batch = (number, sum(job.images for job, _ in jobs.values()), math.inf)
+        self._finisher.submit(self._finish, number, [(ticket, job, seed) for ticket, (job, seed) in active.items()])
+
+    def _finish(self, number: int, finished: list) -> None:
+        """The finisher thread: decode each request's tokens into its result."""
+        for ticket, job, seed in finished:
+            try:
+                ticket._put(StreamEvent(job.total, job.total, None, self.pipe.finish(job, ticket.request, seed)))
+            except Exception as error:  # noqa: BLE001 - a failed decode fails its own request only
+                self._fail(ticket, error)
+        with self._condition:
+            if self._last_batch[0] == number:
+                self._last_batch = (number, self._last_batch[1], time.monotonic())
+                self._condition.notify()
 
     def _retry_alone(self, tickets: list[Ticket]) -> None:
         with self._condition:

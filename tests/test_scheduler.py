@@ -69,6 +69,26 @@ def test_batched_requests_equal_their_results_alone(scheduler, tiny_pipe):
         assert mine.seed == reference.seed
 
 
+def test_users_coming_back_one_by_one_share_a_batch_again(tiny_pipe):
+    """After a batch of three, three requests arriving further apart than the gathering window
+    (as users do when their results reach them one after another) still run together."""
+    service = Scheduler(tiny_pipe, gather_seconds=0.1, regather_seconds=3.0)
+    seen = []
+    original_decoder = tiny_pipe.decoder
+    tiny_pipe.decoder = lambda jobs: seen.append(len(jobs)) or original_decoder(jobs)
+    try:
+        results([service.submit(preview="none", **r, **COMMON) for r in REQUESTS])
+        again = []
+        for request in REQUESTS:
+            again.append(service.submit(preview="none", **request, **COMMON))
+            time.sleep(0.5)
+        assert all(result is not None for result in results(again))
+    finally:
+        del tiny_pipe.decoder
+        service.close()
+    assert seen == [3, 3]
+
+
 def test_cancel_one_of_three_mid_way(scheduler, tiny_pipe):
     alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS]
     gate, blocker = hold(scheduler)
