@@ -44,7 +44,7 @@ def test_cache_free_forward_matches_the_cached_one(toy):
     _, _, tokenizer, pool = toy
     torch.manual_seed(1)
     model = NextStepModel(model_config(tokenizer, **TOY_MODEL)).eval()
-    batch, _, _ = make_batch(pool, PromptBuilder(tokenizer, model.config.boi), random.Random(0), 3, edit=False)
+    batch, *_ = make_batch(pool, PromptBuilder(tokenizer, model.config.boi), random.Random(0), 3, edit=False)
     embeds = model.embed(batch.input_ids)
     positions = torch.arange(embeds.shape[1])
     valid = batch.attention_mask.bool()
