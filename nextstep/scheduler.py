@@ -108,9 +108,10 @@ class Scheduler:
     ):
         """gather_seconds: how long a request may wait for company before its batch starts.
         regather_seconds: how long after the results of a batch of several went out the next
-        batch may wait for as many requests. Users whose image just finished send their next request within a moment, one
-        after another as their results arrive; starting with the first of them alone would make
-        the rest wait a whole generation, and split one batch into two from then on."""
+        batch may wait for as many requests. Users whose image just finished send their next
+        request within a moment, one after another as their results arrive; starting with the
+        first of them alone would make the rest wait a whole generation, and split one batch into
+        two from then on."""
         self.pipe = pipe
         self.gather_seconds = gather_seconds
         self.regather_seconds = regather_seconds
@@ -258,7 +259,8 @@ class Scheduler:
                         ticket._put(StreamEvent(k + 1, job.total, preview))
         with self._condition:
             number = self._last_batch[0] + 1
-            self._last_batch = (number, sum(job.images for job, _ in jobs.values()), math.inf)
+            # Only users who get a result come back for more.
+            self._last_batch = (number, sum(job.images for job, _ in active.values()), math.inf)
         self._finisher.submit(self._finish, number, [(ticket, job, seed) for ticket, (job, seed) in active.items()])
 
     def _finish(self, number: int, finished: list) -> None:
