@@ -30,6 +30,7 @@ from nextstep.inputs import clean_text, load_image, number
 from nextstep.sampling import SAMPLERS
 from nextstep.scheduler import Busy, GenerationFailed
 from nextstep.serving import (
+    DTYPES,
     MAX_UI_SEED,
     SharedPipeline,
     Size,
@@ -432,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="VAE directory or Hub id [env NEXTSTEP_VAE; default: the model's own]")
     parser.add_argument("--device", default=env("NEXTSTEP_DEVICE"),
                         help="cuda, cpu, cuda:1, … [env NEXTSTEP_DEVICE; default: cuda when available]")
-    parser.add_argument("--dtype", default=env("NEXTSTEP_DTYPE"), choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default=env("NEXTSTEP_DTYPE"), choices=list(DTYPES),
                         help="[env NEXTSTEP_DTYPE; default: bfloat16 on GPU, float32 on CPU]")
     parser.add_argument("--threads", type=int, default=int(env("NEXTSTEP_THREADS", "0")) or None,
                         help="CPU threads for torch [env NEXTSTEP_THREADS; default: 1 on CPU, where small "

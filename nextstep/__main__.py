@@ -13,7 +13,8 @@ import torch
 
 from .hub import ModelNotFoundError
 from .pipeline import NextStepPipeline
-from .serving import Size, page_defaults, pick_device, pick_dtype, save_with_parameters
+from .sampling import CFG_SCHEDULES, SAMPLERS
+from .serving import DTYPES, Size, page_defaults, pick_device, pick_dtype, save_with_parameters
 from .weights import CheckpointMismatchError
 
 SETTINGS = {  # flag -> request field; unset flags keep the model's defaults
@@ -35,14 +36,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, help="text guidance")
     parser.add_argument("--cfg-img", type=float, help="image guidance (editing)")
     parser.add_argument("--shift", type=float, help="time shift")
-    parser.add_argument("--schedule", choices=["constant", "linear"])
-    parser.add_argument("--sampler", choices=["v1", "sde", "cps", "ode"])
+    parser.add_argument("--schedule", choices=CFG_SCHEDULES)
+    parser.add_argument("--sampler", choices=SAMPLERS)
     parser.add_argument("--negative-prompt")
     parser.add_argument("--positive-prompt")
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on CPU)")
     args = parser.parse_args(argv)
     if not args.model:

@@ -29,7 +29,7 @@ from .model import NextStepModel
 from .pipeline import GenerationRequest, NextStepPipeline
 from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
 from .sampling import sample_token
-from .serving import page_defaults
+from .serving import DTYPES, page_defaults, pick_dtype
 from .train.vocab import build_tokenizer
 from .vae import AutoencoderKL, VAEConfig
 
@@ -202,7 +202,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run(args) -> dict:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = pick_dtype(args.dtype, args.device)
     if args.model:
         pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype)
     else:
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default=None, help="v1, sde, cps or ode (default: the model family's)")
     parser.add_argument("--preview", choices=["vae", "fast", "none"], default="fast")
     parser.add_argument("--preview-every", type=int, default=8)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="compile the flow head (pipe.compile())")

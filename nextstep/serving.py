@@ -165,7 +165,7 @@ def closest_size(width: int, height: int, sizes: list[Size], area: int) -> Size:
 
     def distance(size: Size) -> tuple[float, float]:
         aspect = abs(math.log(size.width / size.height * height / width))
-        return (round(aspect, 3), abs(math.log(size.width * size.height / area)))
+        return (round(aspect, 3), abs(math.log(size.area / area)))
 
     return min(sizes, key=distance)
 

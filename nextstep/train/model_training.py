@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ DROP_INSTRUCTION = 0.1
 DROP_ALL = 0.05
 EDIT_SHARE = 0.4  # fraction of batches that are edits
 TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap next to the backbone
+PATCH = 2  # latent patch side of one image token, as NextStep-1
 OBJECT_WEIGHT = 4.0  # a token wholly inside an object weighs 1 + OBJECT_WEIGHT, plain background 1
 
 
@@ -63,7 +65,7 @@ def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
         o_attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=False,
-        latent_patch_size=2,
+        latent_patch_size=PATCH,
         latent_channels=16,
         boi=tokenizer.convert_tokens_to_ids(BEGIN_OF_IMAGE),
         eoi=tokenizer.convert_tokens_to_ids(END_OF_IMAGE),
@@ -95,7 +97,7 @@ def object_coverage(picture, background: str, token_pixels: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk: int = 32, patch: int = 2) -> ScenePool:
+def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk: int = 32) -> ScenePool:
     """``count`` training scenes, each with one edit whose result is also a training scene."""
     rng = random.Random(seed)
     scenes, edits = [], []
@@ -107,7 +109,7 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
             scenes.append(edit.target)
             edits.append((len(scenes) - 2, len(scenes) - 1, edit))
     chunks, weights = [], []
-    token_pixels = vae.config.downsample_factor * patch
+    token_pixels = vae.config.downsample_factor * PATCH
     for start in tqdm(range(0, len(scenes), chunk), desc="encode scenes", mininterval=2.0):
         pictures = [render(s, size) for s in scenes[start : start + chunk]]
         chunks.append(encode(vae, to_pixels(pictures)))
@@ -119,7 +121,7 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
 def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batch_size: int, edit: bool):
     """Prompt rows, the input-image latents their slots take, the target latents and their token weights."""
     rows, sources, targets = [], [], []
-    grid = (pool.latents.shape[2] // 2, pool.latents.shape[3] // 2)
+    grid = (pool.latents.shape[2] // PATCH, pool.latents.shape[3] // PATCH)
     for _ in range(batch_size):
         if edit:
             source, target, example = rng.choice(pool.edits)
