@@ -42,10 +42,14 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, 1 + scale, gate) for the time+condition vectors y (..., width)."""
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        h = self.in_ln(x) * (1 + scale) + shift
-        return x + gate * self.mlp(h)
+        return shift, 1 + scale, gate
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = torch.addcmul(shift, self.in_ln(x), scale_plus_one)
+        return torch.addcmul(x, gate, self.mlp(h))
 
 
 class FinalLayer(nn.Module):
@@ -55,14 +59,24 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, 1 + scale) for the time+condition vectors y (..., width)."""
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        x = F.layer_norm(x, (self.width,), eps=1e-6) * (1 + scale) + shift
-        return self.linear(x)
+        return shift, 1 + scale
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.addcmul(shift, F.layer_norm(x, (self.width,), eps=1e-6), scale_plus_one))
+
+
+Modulations = list[tuple[torch.Tensor, ...]]  # per res block, then the final layer
 
 
 class VelocityNet(nn.Module):
-    """``net(x, t, c)``: token x (B, token_dim), time t (B,), condition c (B, cond_dim) -> velocity."""
+    """``net(x, t, c)``: token x (B, token_dim), time t (B,), condition c (B, cond_dim) -> velocity.
+
+    Time and condition enter only through the adaLN modulations (``modulations``), so a caller
+    that evaluates the net at known times can compute them ahead and run ``forward_modulated``.
+    """
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
         super().__init__()
@@ -73,14 +87,19 @@ class VelocityNet(nn.Module):
         self.final_layer = FinalLayer(width, token_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+        return self.forward_modulated(x, self.modulations(self.time_embed(t) + self.cond_embed(c)))
 
-    def forward_embedded(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The velocity given the summed time and condition embedding y (B, width)."""
+    def modulations(self, y: torch.Tensor) -> Modulations:
+        """Every layer's modulation for the summed time and condition embeddings y (..., width)."""
+        return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
+
+    def forward_modulated(self, x: torch.Tensor, modulations: Modulations) -> torch.Tensor:
+        """The velocity at x (B, token_dim) given ``modulations`` whose rows match x's."""
+        *blocks, final = modulations
         x = self.input_proj(x)
-        for block in self.res_blocks:
-            x = block(x, y)
-        return self.final_layer(x, y)
+        for block, parameters in zip(self.res_blocks, blocks):
+            x = block.modulated(x, *parameters)
+        return self.final_layer.modulated(x, *final)
 
 
 class FlowMatchingHead(nn.Module):
@@ -96,16 +115,20 @@ class FlowMatchingHead(nn.Module):
     def velocity_field(self, cond: torch.Tensor, times: torch.Tensor) -> VelocityAt:
         """``v(x, i)``: the velocity at grid time ``times[i]`` for condition rows ``cond``.
 
-        The time embeddings of the whole grid and the condition embedding are computed once
-        here instead of at every evaluation: a token's sampling loop evaluates the same
-        condition at every grid time, and every token walks the same grid.
+        A token's sampling loop evaluates one condition at every time of a fixed grid, and time
+        and condition reach the net only through its adaLN modulations: those of the whole grid
+        are computed here in one batch per layer (a handful of operations per token instead of
+        a dozen per evaluation), and each evaluation runs only the token's own path.
         """
         net = self.net
         dtype = net.input_proj.weight.dtype
         time_embeddings = net.time_embed(times)  # (steps, width)
         cond_embedding = net.cond_embed(cond.to(dtype))  # (rows, width)
+        grid = net.modulations(time_embeddings[:, None] + cond_embedding[None])  # each (steps, rows, width)
+        unbound = [[part.unbind(0) for part in layer] for layer in grid]  # one call per part, not per step
+        per_step = [[tuple(part[i] for part in layer) for layer in unbound] for i in range(times.shape[0])]
 
         def velocity_at(x: torch.Tensor, i: int) -> torch.Tensor:
-            return net.forward_embedded(x.to(dtype), cond_embedding + time_embeddings[i]).float()
+            return net.forward_modulated(x.to(dtype), per_step[i]).float()
 
         return velocity_at

@@ -149,7 +149,7 @@ class NextStepPipeline:
         """
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         net = self.model.image_head.net
-        net.forward_embedded = torch.compile(net.forward_embedded, mode=mode, dynamic=False)
+        net.forward_modulated = torch.compile(net.forward_modulated, mode=mode, dynamic=False)
 
     @property
     def device(self) -> torch.device:
