@@ -40,6 +40,15 @@ def test_tokenizer_keeps_the_layout_tokens(toy):
     assert tokenizer.unk_token_id not in ids
 
 
+def test_position_table_gives_each_image_token_its_row_and_column(toy):
+    _, _, tokenizer, _ = toy
+    config = model_config(tokenizer, latent_size=16, **TOY_MODEL)  # 8x8 image tokens
+    table = NextStepModel(config).gen_pos_embed[0]
+    columns, rows = table[:, : config.hidden_size // 2], table[:, config.hidden_size // 2 :]
+    assert torch.equal(columns[3], columns[3 + 8]) and not torch.equal(rows[3], rows[3 + 8])  # one row down
+    assert torch.equal(rows[8], rows[15]) and not torch.equal(columns[8], columns[15])  # same row
+
+
 def test_cache_free_forward_matches_the_cached_one(toy):
     _, _, tokenizer, pool = toy
     torch.manual_seed(1)

@@ -40,6 +40,11 @@ EDIT_SHARE = 0.4  # fraction of batches that are edits
 TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap next to the backbone
 PATCH = 2  # latent patch side of one image token, as NextStep-1
 OBJECT_WEIGHT = 4.0  # a token wholly inside an object weighs 1 + OBJECT_WEIGHT, plain background 1
+# The tokens the backbone reads back are noised (std drawn per sequence, uniform up to this; a
+# token's entries have unit variance). Exact tokens of a flat background still tell where in the
+# picture they are, from the VAE's border effects; a model that relies on that loses its place
+# as soon as it reads its own samples.
+INPUT_NOISE = 0.5
 
 
 def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
@@ -72,6 +77,9 @@ def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
         image_placeholder_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         pad_token_id=tokenizer.pad_token_id,
         use_gen_pos_embed=True,  # tells the head which grid cell it is drawing
+        # The table is indexed by the flat token number; as wide as the token grid, entry k is
+        # token k's true (row, column) instead of (k // 32, k % 32).
+        gen_pos_embed_grid=latent_size // PATCH,
         latent_size=latent_size,
         vae_name_or_path=None,
         torch_dtype="float32",
@@ -140,15 +148,20 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
 
 
 def flow_matching_loss(
-    model: NextStepModel, batch, source_latents, target_latents, token_weights=None, generator=None
+    model: NextStepModel, batch, source_latents, target_latents, token_weights=None, generator=None,
+    input_noise: float = 0.0,
 ) -> torch.Tensor:
     """Flow-matching loss of the head's velocities, averaged over tokens with ``token_weights``
-    (B, tokens), equal weights when None."""
+    (B, tokens), equal weights when None; ``input_noise``: see INPUT_NOISE."""
     config = model.config
     targets = patchify(target_latents, config.latent_patch_size)  # (B, N, D)
     b, n, d = targets.shape
     prompt = model.embed(batch.input_ids, source_latents)  # (B, L, hidden)
-    embeds = torch.cat([prompt, model.image_in_projector(targets[:, :-1])], dim=1)
+    read_back = targets[:, :-1]
+    if input_noise:
+        std = input_noise * torch.rand(b, 1, 1, generator=generator)
+        read_back = read_back + std * torch.randn(read_back.shape, generator=generator)
+    embeds = torch.cat([prompt, model.image_in_projector(read_back)], dim=1)
     length = prompt.shape[1]
     valid = torch.cat([batch.attention_mask.bool(), torch.ones(b, n - 1, dtype=torch.bool)], dim=1)
     hidden = model.forward_backbone(embeds, torch.arange(embeds.shape[1]), valid, cache=None)
@@ -184,7 +197,8 @@ def train_model(
     bar = tqdm(range(steps), desc="nextstep", mininterval=2.0)
     for step in bar:
         edit = rng.random() < EDIT_SHARE
-        loss = flow_matching_loss(model, *make_batch(pool, prompts, rng, batch_size, edit), generator=generator)
+        batch = make_batch(pool, prompts, rng, batch_size, edit)
+        loss = flow_matching_loss(model, *batch, generator=generator, input_noise=INPUT_NOISE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
