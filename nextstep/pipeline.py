@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from .sampling import CFG_SCHEDULES, SAMPLERS, guidance_schedule, noise_draws, t
 from .vae import AutoencoderKL
 
 MAX_SEED = 2**63 - 1
+# Sampling settings a model trained here stores beside its weights: a "text_to_image" and an
+# "edit" set of GenerationRequest keywords (official checkpoints have no such sets).
+STORED_SETTINGS = "generation_config.json"
 
 
 @dataclass
@@ -114,6 +118,8 @@ class NextStepPipeline:
         self._family = get_family(family or detect_family(self.config))
         self.prompts = PromptBuilder(tokenizer, self.config.boi, bos_as_text=self._family.bos_as_text)
         self.previewer = Previewer(vae, self.config.latent_patch_size)
+        stored = directory / STORED_SETTINGS if directory is not None else None
+        self._stored = json.loads(stored.read_text()) if stored is not None and stored.is_file() else {}
 
     @classmethod
     def from_pretrained(
@@ -165,6 +171,11 @@ class NextStepPipeline:
         num_sampling_steps, cfg, cfg_img, timesteps_shift, cfg_schedule, use_norm, sampler."""
         return dict(self._family.defaults)
 
+    def stored_settings(self, edit: bool) -> dict:
+        """The sampling settings the model stores for text-to-image or for editing (see
+        STORED_SETTINGS); ``generate`` and ``stream`` start from them. Empty when it has none."""
+        return dict(self._stored.get("edit" if edit else "text_to_image", {}))
+
     @property
     def supports_images(self) -> bool:
         return self.config.image_placeholder_id is not None
@@ -195,8 +206,11 @@ class NextStepPipeline:
         """Yield one event per sampled token; previews every ``preview_every`` tokens; the
         last event carries the result. Closing the generator stops sampling.
 
-        Settings are ``GenerationRequest``'s fields; ``sampler=None`` takes the family's sampler."""
-        request = GenerationRequest(prompt=prompt, image=image, **kwargs)
+        Settings are ``GenerationRequest``'s fields; those not given take the model's stored
+        settings (``stored_settings``), then ``GenerationRequest``'s defaults; ``sampler=None``
+        takes the family's sampler."""
+        settings = {**self.stored_settings(edit=image is not None), **kwargs}
+        request = GenerationRequest(prompt=prompt, image=image, **settings)
         self.validate(request)
         preview_every = self.check_preview(preview, preview_every)
         return self._run(request, preview_every, preview)

@@ -22,7 +22,6 @@ from .pipeline import GenerationResult, NextStepPipeline
 from .scheduler import Scheduler, Ticket
 
 PARAMETERS_KEY = "parameters"  # PNG text chunk holding the generation parameters as JSON
-STORED_SETTINGS = "generation_config.json"  # a trained model's tuned settings, per task
 # The official editing examples' settings (NextStep-1-Large-Edit).
 OFFICIAL_EDIT = dict(negative_prompt="Copy original image.", cfg_img=2.0, timesteps_shift=3.2)
 MAX_UI_SEED = 2**32 - 1  # browsers hold numbers as doubles: keep seeds exact in a page
@@ -68,11 +67,8 @@ def page_defaults(pipe: NextStepPipeline, edit: bool) -> dict:
     """Request settings a page starts from: the family's, plus the official editing ones for
     editing, overridden by the settings a model stores beside its weights (``text_to_image``
     and ``edit`` sets in ``generation_config.json``, from our own training), when it has them."""
-    settings = {**pipe.default_settings(), "negative_prompt": "", **(OFFICIAL_EDIT if edit else {})}
-    path = pipe.directory / STORED_SETTINGS if pipe.directory is not None else None
-    stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    settings.update(stored.get("edit" if edit else "text_to_image", {}))
-    return settings
+    return {**pipe.default_settings(), "negative_prompt": "", **(OFFICIAL_EDIT if edit else {}),
+            **pipe.stored_settings(edit)}
 
 
 def load_examples(path: Path) -> dict[str, list[dict]]:

@@ -37,6 +37,17 @@ def test_text_to_image_with_stored_settings(shipped):
     assert image.size == tuple(settings["text_to_image"]["hw"])
 
 
+def test_settings_not_given_come_from_the_model(shipped):
+    pipe, settings = shipped
+    stored = settings["text_to_image"]
+    result = pipe.generate("a small blue square on the left on a yellow background", seed=0)
+    assert result.images[0].size == tuple(stored["hw"])  # not GenerationRequest's 256x256
+    assert result.parameters["cfg"] == stored["cfg"]
+    assert result.parameters["num_sampling_steps"] == stored["num_sampling_steps"]
+    given = pipe.generate("a small blue square on the left", seed=0, num_sampling_steps=2)
+    assert given.parameters["num_sampling_steps"] == 2  # what the caller gives wins
+
+
 def test_edit_of_the_example_input(shipped):
     pipe, settings = shipped
     examples = json.loads((EXAMPLES / "examples.json").read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FILE = "generation_config.json"
+from ..pipeline import STORED_SETTINGS as FILE
 
 BASE = dict(
     hw=[128, 128],
