@@ -224,8 +224,8 @@ def run(args) -> dict:
     # does not land on one side of the comparison only.
     runs = [(timed_generation(pipe, settings, "none", args.preview_every),
              timed_generation(pipe, settings, args.preview, args.preview_every)) for _ in range(args.repeat)]
-    plain = min((off for off, _ in runs), key=lambda run: run["seconds"])
-    with_previews = min((on for _, on in runs), key=lambda run: run["seconds"])
+    plain = min((off for off, _ in runs), key=lambda timing: timing["seconds"])
+    with_previews = min((on for _, on in runs), key=lambda timing: timing["seconds"])
     with phase_timing(pipe) as timer:
         timed_generation(pipe, settings, args.preview, args.preview_every)
     split = timer.seconds
