@@ -8,11 +8,14 @@ import torch
 from nextstep import NextStepPipeline
 from nextstep.model import NextStepModel
 from nextstep.prompts import PromptBuilder
-from nextstep.train.model_training import build_pool, flow_matching_loss, make_batch, model_config, train_model
+from nextstep.tokens import patchify
+from nextstep.train.model_training import (
+    build_pool, flow_matching_loss, make_batch, model_config, object_coverage, train_model,
+)
 from nextstep.train.sampling_defaults import read_defaults, write_defaults
-from nextstep.train.vae_training import train_vae
+from nextstep.train.vae_training import encode, to_pixels, train_vae
 from nextstep.train.vocab import build_tokenizer
-from nextstep.train.world import vocabulary
+from nextstep.train.world import Scene, render, vocabulary
 from nextstep.vae import VAEConfig
 
 TOY_VAE = VAEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=0, encoder_norm=True, psz=2, deterministic=True)
@@ -30,6 +33,21 @@ def toy(tmp_path_factory):
     tokenizer = build_tokenizer(vocabulary())
     pool = build_pool(vae, count=24, seed=0, size=32)
     return out, vae, tokenizer, pool
+
+
+def test_pool_takes_the_background_tokens_from_the_plain_background(toy):
+    _, vae, _, pool = toy
+    kinds = set()
+    for scene, latents, encoded in list(zip(pool.scenes, pool.latents, pool.encoded))[:8]:
+        picture = render(scene, 32)
+        own, plain = encode(vae, to_pixels([picture, render(Scene(scene.background, ()), 32)]))
+        torch.testing.assert_close(encoded, own, atol=1e-5, rtol=1e-5)  # what an edit reads as its input
+        tokens, own, plain = (patchify(x[None], 2)[0] for x in (latents, own, plain))
+        touched = object_coverage(picture, scene.background, 16) > 0
+        torch.testing.assert_close(tokens[touched], own[touched], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tokens[~touched], plain[~touched], atol=1e-5, rtol=1e-5)
+        kinds.update(touched.tolist())
+    assert kinds == {True, False}
 
 
 def test_tokenizer_keeps_the_layout_tokens(toy):

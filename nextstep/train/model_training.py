@@ -7,6 +7,12 @@ head, trained on ``x_t = t x1 + (1 - t) x0`` (x0 noise, x1 the token) to predict
 Captions, instructions and guidance dropout are drawn afresh at every step; the latents of a
 fixed pool of training scenes are encoded once.
 
+The background tokens of every training picture are those of a render of its plain background
+(``plain_background``): the VAE's encoder sees the whole picture, so its latents of plain
+background carry faint traces of the objects elsewhere; a model taught on them finds the objects
+from those traces in what it reads back, traces its own samples do not carry, and then draws
+objects wherever its first background samples happen to hint.
+
 Tokens are weighted by how much of their patch the objects cover: most of a picture is plain
 background, learnt within the first few hundred steps, and an unweighted loss spends most of
 its gradient on it while the objects (what the captions are about) lag far behind.
@@ -29,7 +35,7 @@ from ..tokens import patchify
 from ..vae import AutoencoderKL
 from .optim import make_optimizer
 from .vae_training import encode, to_pixels
-from .world import PALETTE, Edit, Scene, caption, random_edit, random_scene, render
+from .world import COLOURS, PALETTE, Edit, Scene, caption, random_edit, random_scene, render
 
 # Guidance dropout: text-to-image rows lose their caption; edit rows lose the instruction
 # (the image-only branch) or everything (the negative-only branch).
@@ -92,7 +98,8 @@ class ScenePool:
     """Training scenes and edits with their latents, encoded once."""
 
     scenes: list[Scene]
-    latents: torch.Tensor  # (N, 16, H/8, W/8)
+    latents: torch.Tensor  # (N, 16, H/8, W/8) targets, background tokens from the plain background
+    encoded: torch.Tensor  # (N, 16, H/8, W/8) the encoder's own latents, as an edit's input image reaches the model
     token_weights: torch.Tensor  # (N, tokens) loss weight of each image token, in patchify order
     edits: list[tuple[int, int, Edit]]  # (source index, target index, edit)
 
@@ -102,6 +109,14 @@ def object_coverage(picture, background: str, token_pixels: int) -> torch.Tensor
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.int16))
     differs = (pixels - torch.tensor(PALETTE[background])).abs().amax(dim=-1) > 8
     return F.avg_pool2d(differs[None, None].float(), token_pixels).flatten()
+
+
+def plain_background(latents: torch.Tensor, coverage: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """``latents`` (C, H, W) with every token whose patch no object touches (``coverage`` per token,
+    row-major) taken from ``plain``, the latents of the same background without objects."""
+    grid = (latents.shape[1] // PATCH, latents.shape[2] // PATCH)
+    touched = (coverage > 0).reshape(grid).repeat_interleave(PATCH, 0).repeat_interleave(PATCH, 1)
+    return torch.where(touched, latents, plain)
 
 
 @torch.no_grad()
@@ -116,14 +131,18 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
         if edit.target.split == "train":
             scenes.append(edit.target)
             edits.append((len(scenes) - 2, len(scenes) - 1, edit))
-    chunks, weights = [], []
+    plain = dict(zip(COLOURS, encode(vae, to_pixels([render(Scene(colour, ()), size) for colour in COLOURS]))))
+    latents, encodings, weights = [], [], []
     token_pixels = vae.config.downsample_factor * PATCH
     for start in tqdm(range(0, len(scenes), chunk), desc="encode scenes", mininterval=2.0):
         pictures = [render(s, size) for s in scenes[start : start + chunk]]
-        chunks.append(encode(vae, to_pixels(pictures)))
-        weights += [1 + OBJECT_WEIGHT * object_coverage(p, s.background, token_pixels)
-                    for p, s in zip(pictures, scenes[start : start + chunk])]
-    return ScenePool(scenes, torch.cat(chunks), torch.stack(weights), edits)
+        encoded = encode(vae, to_pixels(pictures))
+        encodings.append(encoded)
+        for scene, picture, latent in zip(scenes[start : start + chunk], pictures, encoded):
+            coverage = object_coverage(picture, scene.background, token_pixels)
+            latents.append(plain_background(latent, coverage, plain[scene.background]))
+            weights.append(1 + OBJECT_WEIGHT * coverage)
+    return ScenePool(scenes, torch.stack(latents), torch.cat(encodings), torch.stack(weights), edits)
 
 
 def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batch_size: int, edit: bool):
@@ -143,7 +162,7 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
             target = rng.randrange(len(pool.scenes))
             rows.append("" if rng.random() < DROP_CAPTION else caption(pool.scenes[target], rng))
         targets.append(target)
-    source_latents = pool.latents[sources] if sources else None
+    source_latents = pool.encoded[sources] if sources else None
     return prompts.encode(rows, grid), source_latents, pool.latents[targets], pool.token_weights[targets]
 
 
