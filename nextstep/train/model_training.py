@@ -47,9 +47,8 @@ TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap n
 PATCH = 2  # latent patch side of one image token, as NextStep-1
 OBJECT_WEIGHT = 4.0  # a token wholly inside an object weighs 1 + OBJECT_WEIGHT, plain background 1
 # The tokens the backbone reads back are noised (std drawn per sequence, uniform up to this; a
-# token's entries have unit variance). Exact tokens of a flat background still tell where in the
-# picture they are, from the VAE's border effects; a model that relies on that loses its place
-# as soon as it reads its own samples.
+# token's entries have unit variance), so that the model does not lean on fine detail of exact
+# tokens that its own samples only approximate.
 INPUT_NOISE = 0.5
 
 
