@@ -10,7 +10,7 @@ from nextstep.model import NextStepModel
 from nextstep.prompts import PromptBuilder
 from nextstep.tokens import patchify
 from nextstep.train.model_training import (
-    build_pool, flow_matching_loss, make_batch, model_config, object_coverage, train_model,
+    build_pool, drop_to_background, flow_matching_loss, make_batch, model_config, object_coverage, train_model,
 )
 from nextstep.train.sampling_defaults import read_defaults, write_defaults
 from nextstep.train.vae_training import encode, to_pixels, train_vae
@@ -38,16 +38,27 @@ def toy(tmp_path_factory):
 def test_pool_takes_the_background_tokens_from_the_plain_background(toy):
     _, vae, _, pool = toy
     kinds = set()
-    for scene, latents, encoded in list(zip(pool.scenes, pool.latents, pool.encoded))[:8]:
+    for scene, latents, encoded, background in list(zip(pool.scenes, pool.latents, pool.encoded, pool.backgrounds))[:8]:
         picture = render(scene, 32)
         own, plain = encode(vae, to_pixels([picture, render(Scene(scene.background, ()), 32)]))
         torch.testing.assert_close(encoded, own, atol=1e-5, rtol=1e-5)  # what an edit reads as its input
+        torch.testing.assert_close(background, plain, atol=1e-5, rtol=1e-5)
         tokens, own, plain = (patchify(x[None], 2)[0] for x in (latents, own, plain))
         touched = object_coverage(picture, scene.background, 16) > 0
         torch.testing.assert_close(tokens[touched], own[touched], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(tokens[~touched], plain[~touched], atol=1e-5, rtol=1e-5)
         kinds.update(touched.tolist())
     assert kinds == {True, False}
+
+
+def test_read_back_drop_replaces_a_varying_share_of_each_sequence_by_the_background():
+    tokens, background = torch.ones(400, 63, 4), torch.zeros(400, 63, 4)
+    dropped = drop_to_background(tokens, background, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped.amin(-1), dropped.amax(-1))  # whole tokens, either kept or replaced
+    shares = 1 - dropped[..., 0].mean(dim=1)
+    assert shares.min() < 0.1 and shares.max() > 0.9 and abs(shares.mean() - 0.5) < 0.05
+    half = 1 - drop_to_background(tokens, background, 0.5, torch.Generator().manual_seed(0))[..., 0].mean(dim=1)
+    assert half.max() < 0.65 and abs(half.mean() - 0.25) < 0.05
 
 
 def test_tokenizer_keeps_the_layout_tokens(toy):

@@ -50,6 +50,11 @@ OBJECT_WEIGHT = 4.0  # a token wholly inside an object weighs 1 + OBJECT_WEIGHT,
 # token's entries have unit variance), so that the model does not lean on fine detail of exact
 # tokens that its own samples only approximate.
 INPUT_NOISE = 0.5
+# Each sequence replaces a share of the tokens it reads back (uniform up to this) by the plain
+# background's: every picture is a fixed function of its caption, yet teacher forcing lets most
+# object tokens copy colour and outline from the object tokens before them, so only an object's
+# first, barely covered token would learn them from the text.
+READ_BACK_DROP = 1.0
 
 
 def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
@@ -99,6 +104,7 @@ class ScenePool:
     scenes: list[Scene]
     latents: torch.Tensor  # (N, 16, H/8, W/8) targets, background tokens from the plain background
     encoded: torch.Tensor  # (N, 16, H/8, W/8) the encoder's own latents, as an edit's input image reaches the model
+    backgrounds: torch.Tensor  # (N, 16, H/8, W/8) the latents of each scene's plain background
     token_weights: torch.Tensor  # (N, tokens) loss weight of each image token, in patchify order
     edits: list[tuple[int, int, Edit]]  # (source index, target index, edit)
 
@@ -131,7 +137,7 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
             scenes.append(edit.target)
             edits.append((len(scenes) - 2, len(scenes) - 1, edit))
     plain = dict(zip(COLOURS, encode(vae, to_pixels([render(Scene(colour, ()), size) for colour in COLOURS]))))
-    latents, encodings, weights = [], [], []
+    latents, encodings, weights, backgrounds = [], [], [], []
     token_pixels = vae.config.downsample_factor * PATCH
     for start in tqdm(range(0, len(scenes), chunk), desc="encode scenes", mininterval=2.0):
         pictures = [render(s, size) for s in scenes[start : start + chunk]]
@@ -141,11 +147,15 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
             coverage = object_coverage(picture, scene.background, token_pixels)
             latents.append(plain_background(latent, coverage, plain[scene.background]))
             weights.append(1 + OBJECT_WEIGHT * coverage)
-    return ScenePool(scenes, torch.stack(latents), torch.cat(encodings), torch.stack(weights), edits)
+            backgrounds.append(plain[scene.background])
+    return ScenePool(
+        scenes, torch.stack(latents), torch.cat(encodings), torch.stack(backgrounds), torch.stack(weights), edits
+    )
 
 
 def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batch_size: int, edit: bool):
-    """Prompt rows, the input-image latents their slots take, the target latents and their token weights."""
+    """Prompt rows, the input-image latents their slots take, the target latents, their token
+    weights and their plain backgrounds' latents."""
     rows, sources, targets = [], [], []
     grid = (pool.latents.shape[2] // PATCH, pool.latents.shape[3] // PATCH)
     for _ in range(batch_size):
@@ -162,20 +172,35 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
             rows.append("" if rng.random() < DROP_CAPTION else caption(pool.scenes[target], rng))
         targets.append(target)
     source_latents = pool.encoded[sources] if sources else None
-    return prompts.encode(rows, grid), source_latents, pool.latents[targets], pool.token_weights[targets]
+    return (
+        prompts.encode(rows, grid), source_latents, pool.latents[targets], pool.token_weights[targets],
+        pool.backgrounds[targets],
+    )
+
+
+def drop_to_background(tokens: torch.Tensor, background: torch.Tensor, max_share: float, generator=None) -> torch.Tensor:
+    """``tokens`` (B, N, D) with each sequence's tokens replaced by ``background``'s at random, a
+    share drawn per sequence uniformly up to ``max_share``; see READ_BACK_DROP."""
+    share = max_share * torch.rand(tokens.shape[0], 1, 1, generator=generator)
+    dropped = torch.rand(tokens.shape[0], tokens.shape[1], 1, generator=generator) < share
+    return torch.where(dropped, background, tokens)
 
 
 def flow_matching_loss(
-    model: NextStepModel, batch, source_latents, target_latents, token_weights=None, generator=None,
-    input_noise: float = 0.0,
+    model: NextStepModel, batch, source_latents, target_latents, token_weights=None, background_latents=None,
+    generator=None, input_noise: float = 0.0, read_back_drop: float = 0.0,
 ) -> torch.Tensor:
     """Flow-matching loss of the head's velocities, averaged over tokens with ``token_weights``
-    (B, tokens), equal weights when None; ``input_noise``: see INPUT_NOISE."""
+    (B, tokens), equal weights when None; ``input_noise``: see INPUT_NOISE; ``read_back_drop``:
+    see READ_BACK_DROP, it takes the read-back tokens it drops from ``background_latents``."""
     config = model.config
     targets = patchify(target_latents, config.latent_patch_size)  # (B, N, D)
     b, n, d = targets.shape
     prompt = model.embed(batch.input_ids, source_latents)  # (B, L, hidden)
     read_back = targets[:, :-1]
+    if read_back_drop:
+        plain = patchify(background_latents, config.latent_patch_size)[:, :-1]
+        read_back = drop_to_background(read_back, plain, read_back_drop, generator)
     if input_noise:
         std = input_noise * torch.rand(b, 1, 1, generator=generator)
         read_back = read_back + std * torch.randn(read_back.shape, generator=generator)
@@ -216,7 +241,9 @@ def train_model(
     for step in bar:
         edit = rng.random() < EDIT_SHARE
         batch = make_batch(pool, prompts, rng, batch_size, edit)
-        loss = flow_matching_loss(model, *batch, generator=generator, input_noise=INPUT_NOISE)
+        loss = flow_matching_loss(
+            model, *batch, generator=generator, input_noise=INPUT_NOISE, read_back_drop=READ_BACK_DROP
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
