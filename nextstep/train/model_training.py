@@ -104,7 +104,7 @@ class ScenePool:
     scenes: list[Scene]
     latents: torch.Tensor  # (N, 16, H/8, W/8) targets, background tokens from the plain background
     encoded: torch.Tensor  # (N, 16, H/8, W/8) the encoder's own latents, as an edit's input image reaches the model
-    backgrounds: torch.Tensor  # (N, 16, H/8, W/8) the latents of each scene's plain background
+    plain: torch.Tensor  # (colours, 16, H/8, W/8) the latents of each plain background, in COLOURS order
     token_weights: torch.Tensor  # (N, tokens) loss weight of each image token, in patchify order
     edits: list[tuple[int, int, Edit]]  # (source index, target index, edit)
 
@@ -136,8 +136,8 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
         if edit.target.split == "train":
             scenes.append(edit.target)
             edits.append((len(scenes) - 2, len(scenes) - 1, edit))
-    plain = dict(zip(COLOURS, encode(vae, to_pixels([render(Scene(colour, ()), size) for colour in COLOURS]))))
-    latents, encodings, weights, backgrounds = [], [], [], []
+    plain = encode(vae, to_pixels([render(Scene(colour, ()), size) for colour in COLOURS]))
+    latents, encodings, weights = [], [], []
     token_pixels = vae.config.downsample_factor * PATCH
     for start in tqdm(range(0, len(scenes), chunk), desc="encode scenes", mininterval=2.0):
         pictures = [render(s, size) for s in scenes[start : start + chunk]]
@@ -145,12 +145,9 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
         encodings.append(encoded)
         for scene, picture, latent in zip(scenes[start : start + chunk], pictures, encoded):
             coverage = object_coverage(picture, scene.background, token_pixels)
-            latents.append(plain_background(latent, coverage, plain[scene.background]))
+            latents.append(plain_background(latent, coverage, plain[COLOURS.index(scene.background)]))
             weights.append(1 + OBJECT_WEIGHT * coverage)
-            backgrounds.append(plain[scene.background])
-    return ScenePool(
-        scenes, torch.stack(latents), torch.cat(encodings), torch.stack(backgrounds), torch.stack(weights), edits
-    )
+    return ScenePool(scenes, torch.stack(latents), torch.cat(encodings), plain, torch.stack(weights), edits)
 
 
 def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batch_size: int, edit: bool):
@@ -174,7 +171,7 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
     source_latents = pool.encoded[sources] if sources else None
     return (
         prompts.encode(rows, grid), source_latents, pool.latents[targets], pool.token_weights[targets],
-        pool.backgrounds[targets],
+        pool.plain[[COLOURS.index(pool.scenes[target].background) for target in targets]],
     )
 
 
