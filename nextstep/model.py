@@ -91,7 +91,7 @@ class NextStepModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        save_safetensors(self, directory)
+        save_safetensors(self, directory, self.config.dtype)  # weights stored in the dtype the config names
 
     # ---- forward pieces used by the token loop ------------------------------------------
 

@@ -83,6 +83,7 @@ def load_strict(
     module.load_state_dict(state, strict=False, assign=True)
 
 
-def save_safetensors(module: nn.Module, directory: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def save_safetensors(module: nn.Module, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``module``'s state as ``model.safetensors``, floats as ``dtype`` (None: as they are)."""
+    state = {k: _owned(v.detach(), "cpu", dtype or v.dtype).contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(Path(directory) / SAFETENSORS), metadata={"format": "pt"})

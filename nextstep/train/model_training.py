@@ -92,7 +92,7 @@ def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
         gen_pos_embed_grid=latent_size // PATCH,
         latent_size=latent_size,
         vae_name_or_path=None,
-        torch_dtype="float32",
+        torch_dtype="float16",  # the dtype the weights are stored in (half the size); they load in any
         **shape,
     )
 
