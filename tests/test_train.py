@@ -12,7 +12,7 @@ from nextstep.tokens import patchify
 from nextstep.train.model_training import (
     build_pool, drop_to_background, flow_matching_loss, make_batch, model_config, object_coverage, train_model,
 )
-from nextstep.train.sampling_defaults import read_defaults, write_defaults
+from nextstep.train.sampling_defaults import coordinate_search, read_defaults, write_defaults
 from nextstep.train.vae_training import encode, to_pixels, train_vae
 from nextstep.train.vocab import build_tokenizer
 from nextstep.train.world import COLOURS, Scene, render, vocabulary
@@ -125,3 +125,24 @@ def test_a_few_steps_lower_the_loss_and_the_checkpoint_generates(toy, tmp_path):
     edit = pipe.generate("make the background blue", wide.crop((0, 0, 32, 32)), seed=0,
                          **dict(settings, cfg_img=2.0)).images[0]
     assert edit.size == (32, 32)
+
+
+def test_coordinate_search_keeps_each_stage_best_and_scores_each_setting_once():
+    calls = []
+
+    def score(settings):
+        calls.append(settings)
+        # Best at cfg 5 and shift 2; 20 and 30 steps tie, so the first listed (20) stays.
+        return -abs(settings.get("cfg", 3.0) - 5) - abs(settings.get("timesteps_shift", 1.0) - 2) + (
+            settings.get("num_sampling_steps", 20) >= 20)
+
+    stages = [
+        [dict(cfg=c) for c in (3.0, 1.5, 5.0)],
+        [dict(timesteps_shift=s) for s in (1.0, 0.5, 2.0)],
+        [dict(num_sampling_steps=n) for n in (20, 10, 30)],
+    ]
+    best, tried = coordinate_search(score, stages)
+    assert best == dict(cfg=5.0, timesteps_shift=2.0, num_sampling_steps=20)
+    # cfg 5 with the base shift, and the best so far with the base step count, are not scored again.
+    assert len(calls) == len(tried) == 3 + 2 + 2
+    assert [settings for settings, _ in tried] == calls

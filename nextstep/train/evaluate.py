@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..pipeline import NextStepPipeline
-from .sampling_defaults import BASE, EDIT_CANDIDATES, TEXT_TO_IMAGE_CANDIDATES, read_defaults
+from .sampling_defaults import BASE, EDIT_SEARCH, TEXT_TO_IMAGE_SEARCH, coordinate_search, read_defaults
 from .vae_training import psnr, reconstruct, to_pixels
 from .world import CELLS, COLOURS, EDIT_KINDS, PALETTE, Obj, Scene, caption, random_edit, random_scene, render
 
@@ -222,7 +222,7 @@ def timed_generation(pipe, settings: dict, repeats: int = 3) -> float:
 
 
 def tune_defaults(pipe, singles: int, pairs: int, edits: int) -> tuple[dict, dict, str]:
-    """Pick the guidance that scores best on the validation split (never the test split)."""
+    """Pick the sampling settings that score best on the validation split (never the test split)."""
     single_scenes = held_out_scenes(singles, 1, split="validation")
     pair_scenes = held_out_scenes(pairs, 2, split="validation")
     edit_set = held_out_edits(edits, split="validation")
@@ -236,14 +236,16 @@ def tune_defaults(pipe, singles: int, pairs: int, edits: int) -> tuple[dict, dic
         figures = evaluate_edits(pipe, edit_set, dict(BASE, **candidate))
         return figures["success"] + 0.01 * figures["untouched_psnr"]  # PSNR breaks ties
 
-    text_scores = [(text_score(c), c) for c in TEXT_TO_IMAGE_CANDIDATES]
-    edit_scores = [(edit_score(c), c) for c in EDIT_CANDIDATES]
+    text_to_image, text_tried = coordinate_search(text_score, TEXT_TO_IMAGE_SEARCH)
+    edit, edit_tried = coordinate_search(edit_score, EDIT_SEARCH)
     note = (
-        f"best validation score among {len(text_scores)} text-to-image and {len(edit_scores)} edit guidance settings "
-        f"({singles} single-object and {pairs} two-object captions, {edits} edits): "
-        + "; ".join(f"{c} -> {s:.3f}" for s, c in text_scores + edit_scores)
+        f"best validation score of a stage-by-stage search over guidance, time shift and step count "
+        f"({singles} single-object and {pairs} two-object captions, {edits} edits); text-to-image: "
+        + "; ".join(f"{c} -> {s:.3f}" for c, s in text_tried)
+        + "; edit: "
+        + "; ".join(f"{c} -> {s:.3f}" for c, s in edit_tried)
     )
-    return max(text_scores, key=lambda sc: sc[0])[1], max(edit_scores, key=lambda sc: sc[0])[1], note
+    return text_to_image, edit, note
 
 
 def full_report(pipe, settings: dict, singles: int, pairs: int, edits: int) -> dict:

@@ -8,6 +8,7 @@ The file holds two sets of ``GenerationRequest`` keywords, ``text_to_image`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..pipeline import STORED_SETTINGS as FILE
@@ -23,9 +24,33 @@ BASE = dict(
     sampler="v1",
     negative_prompt="",
 )
-# Guidance values tried on the validation split; the rest stays as in BASE.
-TEXT_TO_IMAGE_CANDIDATES = [dict(cfg=c) for c in (1.5, 3.0, 5.0)]
-EDIT_CANDIDATES = [dict(cfg=c, cfg_img=ci) for c, ci in ((1.5, 1.0), (3.0, 1.0), (3.0, 1.5), (3.0, 2.0))]
+# Settings tried on the validation split, one stage after another, each stage around the best so
+# far; the rest stays as in BASE. The value in BASE comes first, so that it wins ties.
+TIMESTEP_SHIFTS = [dict(timesteps_shift=s) for s in (1.0, 0.5, 2.0)]
+STEP_COUNTS = [dict(num_sampling_steps=n) for n in (20, 10, 30)]
+TEXT_TO_IMAGE_SEARCH = [[dict(cfg=c) for c in (3.0, 1.5, 5.0)], TIMESTEP_SHIFTS, STEP_COUNTS]
+EDIT_SEARCH = [
+    [dict(cfg=c, cfg_img=ci) for c, ci in ((3.0, 1.0), (1.5, 1.0), (3.0, 1.5), (3.0, 2.0))], TIMESTEP_SHIFTS, STEP_COUNTS,
+]
+
+
+def coordinate_search(score: Callable[[dict], float], stages: list[list[dict]]) -> tuple[dict, list[tuple[dict, float]]]:
+    """The best settings found by trying each stage's candidates on top of the best so far:
+    (changes to BASE, every (settings tried, score) in order). Settings met twice are scored once."""
+    best: dict = {}
+    scores: dict[str, float] = {}
+    tried: list[tuple[dict, float]] = []
+    for stage in stages:
+        results = []
+        for candidate in stage:
+            settings = dict(best, **candidate)
+            key = json.dumps(dict(BASE, **settings), sort_keys=True)
+            if key not in scores:
+                scores[key] = score(settings)
+                tried.append((settings, scores[key]))
+            results.append((scores[key], settings))
+        best = max(results, key=lambda result: result[0])[1]
+    return best, tried
 
 
 def write_defaults(directory: Path, text_to_image: dict, edit: dict, chosen_by: str) -> None:
