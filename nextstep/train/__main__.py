@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("assets"), help="where shapes-model/ and shapes-vae/ go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1600)
-    parser.add_argument("--decoder-steps", type=int, default=800, help="decoder-only steps after the VAE")
+    parser.add_argument("--decoder-steps", type=int, default=2400, help="decoder-only steps after the VAE")
     parser.add_argument("--reuse-vae", action="store_true", help="take the VAE already in OUT instead of training one")
     parser.add_argument("--scenes", type=int, default=4000, help="training scenes encoded for the model")
     parser.add_argument("--model-steps", type=int, default=12000)
