@@ -92,7 +92,7 @@ def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
         gen_pos_embed_grid=latent_size // PATCH,
         latent_size=latent_size,
         vae_name_or_path=None,
-        torch_dtype="float16",  # the dtype the weights are stored in (half the size); they load in any
+        torch_dtype="float16",  # the dtype the weights are stored in (half the size); they load in any dtype
         **shape,
     )
 
@@ -175,7 +175,9 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
     )
 
 
-def drop_to_background(tokens: torch.Tensor, background: torch.Tensor, max_share: float, generator=None) -> torch.Tensor:
+def drop_to_background(
+    tokens: torch.Tensor, background: torch.Tensor, max_share: float, generator=None
+) -> torch.Tensor:
     """``tokens`` (B, N, D) with each sequence's tokens replaced by ``background``'s at random, a
     share drawn per sequence uniformly up to ``max_share``; see READ_BACK_DROP."""
     share = max_share * torch.rand(tokens.shape[0], 1, 1, generator=generator)

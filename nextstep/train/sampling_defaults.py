@@ -30,27 +30,29 @@ TIMESTEP_SHIFTS = [dict(timesteps_shift=s) for s in (1.0, 0.5, 2.0)]
 STEP_COUNTS = [dict(num_sampling_steps=n) for n in (20, 10, 30)]
 TEXT_TO_IMAGE_SEARCH = [[dict(cfg=c) for c in (3.0, 1.5, 5.0)], TIMESTEP_SHIFTS, STEP_COUNTS]
 EDIT_SEARCH = [
-    [dict(cfg=c, cfg_img=ci) for c, ci in ((3.0, 1.0), (1.5, 1.0), (3.0, 1.5), (3.0, 2.0))], TIMESTEP_SHIFTS, STEP_COUNTS,
+    [dict(cfg=c, cfg_img=ci) for c, ci in ((3.0, 1.0), (1.5, 1.0), (3.0, 1.5), (3.0, 2.0))],
+    TIMESTEP_SHIFTS,
+    STEP_COUNTS,
 ]
 
 
-def coordinate_search(score: Callable[[dict], float], stages: list[list[dict]]) -> tuple[dict, list[tuple[dict, float]]]:
+def coordinate_search(
+    score: Callable[[dict], float], stages: list[list[dict]]
+) -> tuple[dict, list[tuple[dict, float]]]:
     """The best settings found by trying each stage's candidates on top of the best so far:
     (changes to BASE, every (settings tried, score) in order). Settings met twice are scored once."""
     best: dict = {}
-    scores: dict[str, float] = {}
-    tried: list[tuple[dict, float]] = []
+    scored: dict[str, tuple[dict, float]] = {}  # by the full settings; in the order first tried
     for stage in stages:
         results = []
         for candidate in stage:
             settings = dict(best, **candidate)
             key = json.dumps(dict(BASE, **settings), sort_keys=True)
-            if key not in scores:
-                scores[key] = score(settings)
-                tried.append((settings, scores[key]))
-            results.append((scores[key], settings))
+            if key not in scored:
+                scored[key] = (settings, score(settings))
+            results.append((scored[key][1], settings))
         best = max(results, key=lambda result: result[0])[1]
-    return best, tried
+    return best, list(scored.values())
 
 
 def write_defaults(directory: Path, text_to_image: dict, edit: dict, chosen_by: str) -> None:
