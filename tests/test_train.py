@@ -10,12 +10,13 @@ from nextstep.model import NextStepModel
 from nextstep.prompts import PromptBuilder
 from nextstep.tokens import patchify
 from nextstep.train.model_training import (
-    build_pool, drop_to_background, flow_matching_loss, make_batch, model_config, object_coverage, train_model,
+    build_pool, changed_coverage, drop_to_background, flow_matching_loss, make_batch, model_config, object_coverage,
+    train_model,
 )
 from nextstep.train.sampling_defaults import coordinate_search, read_defaults, write_defaults
-from nextstep.train.vae_training import encode, to_pixels, train_vae
+from nextstep.train.vae_training import EDGE_WEIGHT, edge_mask, encode, reconstruction_loss, to_pixels, train_vae
 from nextstep.train.vocab import build_tokenizer
-from nextstep.train.world import COLOURS, Scene, render, vocabulary
+from nextstep.train.world import COLOURS, Obj, Scene, render, vocabulary
 from nextstep.vae import VAEConfig
 
 TOY_VAE = VAEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=0, encoder_norm=True, psz=2, deterministic=True)
@@ -51,6 +52,18 @@ def test_pool_takes_the_background_tokens_from_the_plain_background(toy):
     assert kinds == {True, False}
 
 
+def test_edit_tokens_weigh_more_exactly_where_the_edit_changes_the_picture(toy):
+    _, _, _, pool = toy
+    assert len(pool.edits) > len(pool.scenes) // 3  # most scenes are edited, some twice
+    raised = set()
+    for index, (source, target, edit) in enumerate(pool.edits):
+        changed = changed_coverage(render(pool.scenes[source], 32), render(pool.scenes[target], 32), 16) > 0
+        extra = pool.edit_weights[index] - pool.token_weights[target]
+        assert changed.any() and bool((extra[changed] > 0).all()) and bool((extra[~changed] == 0).all())
+        raised.add(edit.kind)
+    assert raised == {"recolour", "background", "add", "remove", "move"}
+
+
 def test_read_back_drop_replaces_a_varying_share_of_each_sequence_by_the_background():
     tokens, background = torch.ones(400, 63, 4), torch.zeros(400, 63, 4)
     dropped = drop_to_background(tokens, background, 1.0, torch.Generator().manual_seed(0))
@@ -59,6 +72,20 @@ def test_read_back_drop_replaces_a_varying_share_of_each_sequence_by_the_backgro
     assert shares.min() < 0.1 and shares.max() > 0.9 and abs(shares.mean() - 0.5) < 0.05
     half = 1 - drop_to_background(tokens, background, 0.5, torch.Generator().manual_seed(0))[..., 0].mean(dim=1)
     assert half.max() < 0.65 and abs(half.mean() - 0.25) < 0.05
+
+
+def test_vae_loss_weighs_the_outlines_of_objects():
+    pixels = to_pixels([render(Scene("white", (Obj("square", "red", "large", "center"),)), 48)])
+    edges = edge_mask(pixels)[0, 0]
+    # The square spans pixels 17 to 30 (0.85 of the middle 16-pixel cell): the pixels either side
+    # of its outline and one more each way are marked, its inside and the far background are not.
+    assert edges[24, 14:19].tolist() == [0, 1, 1, 1, 1] and edges[24, 29:34].tolist() == [1, 1, 1, 1, 0]
+    assert edges[:, :12].sum() == 0 and edges[20:28, 20:28].sum() == 0
+    wrong_inside, wrong_outline = pixels.clone(), pixels.clone()
+    wrong_inside[..., 22:24, 22:24] += 0.5
+    wrong_outline[..., 16:18, 22:24] += 0.5  # the same error on the top edge
+    inside, outline = reconstruction_loss(wrong_inside, pixels), reconstruction_loss(wrong_outline, pixels)
+    assert inside.item() > 0 and abs(outline.item() / inside.item() - (1 + EDGE_WEIGHT)) < 1e-4
 
 
 def test_tokenizer_keeps_the_layout_tokens(toy):

@@ -15,7 +15,10 @@ objects wherever its first background samples happen to hint.
 
 Tokens are weighted by how much of their patch the objects cover: most of a picture is plain
 background, learnt within the first few hundred steps, and an unweighted loss spends most of
-its gradient on it while the objects (what the captions are about) lag far behind.
+its gradient on it while the objects (what the captions are about) lag far behind. For the same
+reason an edit's tokens weigh more where the edit changes the picture: most of an edited picture
+is a copy of its input, and a removed or moved object leaves plain background behind that the
+object weight alone would count least.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from ..config import NextStepConfig
@@ -42,10 +46,12 @@ from .world import COLOURS, PALETTE, Edit, Scene, caption, random_edit, random_s
 DROP_CAPTION = 0.1
 DROP_INSTRUCTION = 0.1
 DROP_ALL = 0.05
-EDIT_SHARE = 0.4  # fraction of batches that are edits
+EDIT_SHARE = 0.5  # fraction of batches that are edits
+EDITS_PER_SCENE = 2  # edits drawn for each training scene (those whose result is a training scene are kept)
 TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap next to the backbone
 PATCH = 2  # latent patch side of one image token, as NextStep-1
 OBJECT_WEIGHT = 4.0  # a token wholly inside an object weighs 1 + OBJECT_WEIGHT, plain background 1
+CHANGE_WEIGHT = 4.0  # added to an edit's token wholly inside what the edit changes
 # The tokens the backbone reads back are noised (std drawn per sequence, uniform up to this; a
 # token's entries have unit variance), so that the model does not lean on fine detail of exact
 # tokens that its own samples only approximate.
@@ -107,12 +113,18 @@ class ScenePool:
     plain: torch.Tensor  # (colours, 16, H/8, W/8) the latents of each plain background, in COLOURS order
     token_weights: torch.Tensor  # (N, tokens) loss weight of each image token, in patchify order
     edits: list[tuple[int, int, Edit]]  # (source index, target index, edit)
+    edit_weights: torch.Tensor  # (edits, tokens) loss weight of each token of an edit's target
 
 
 def object_coverage(picture, background: str, token_pixels: int) -> torch.Tensor:
     """Fraction of each token's patch of pixels that differs from the background, row-major."""
-    pixels = torch.from_numpy(np.asarray(picture, dtype=np.int16))
-    differs = (pixels - torch.tensor(PALETTE[background])).abs().amax(dim=-1) > 8
+    return changed_coverage(picture, Image.new("RGB", picture.size, PALETTE[background]), token_pixels)
+
+
+def changed_coverage(picture, other, token_pixels: int) -> torch.Tensor:
+    """Fraction of each token's patch of pixels that differs between two pictures, row-major."""
+    a, b = (torch.from_numpy(np.asarray(p, dtype=np.int16)) for p in (picture, other))
+    differs = (a - b).abs().amax(dim=-1) > 8
     return F.avg_pool2d(differs[None, None].float(), token_pixels).flatten()
 
 
@@ -126,38 +138,50 @@ def plain_background(latents: torch.Tensor, coverage: torch.Tensor, plain: torch
 
 @torch.no_grad()
 def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk: int = 32) -> ScenePool:
-    """``count`` training scenes, each with one edit whose result is also a training scene."""
+    """``count`` training scenes, each with up to EDITS_PER_SCENE edits whose results are also
+    training scenes."""
     rng = random.Random(seed)
     scenes, edits = [], []
     while len(scenes) < count:
         scene = random_scene(rng, split="train")
-        edit = random_edit(scene, rng)
         scenes.append(scene)
-        if edit.target.split == "train":
-            scenes.append(edit.target)
-            edits.append((len(scenes) - 2, len(scenes) - 1, edit))
+        source = len(scenes) - 1
+        for _ in range(EDITS_PER_SCENE):
+            edit = random_edit(scene, rng)
+            if edit.target.split == "train":
+                scenes.append(edit.target)
+                edits.append((source, len(scenes) - 1, edit))
     plain = encode(vae, to_pixels([render(Scene(colour, ()), size) for colour in COLOURS]))
-    latents, encodings, weights = [], [], []
+    latents, encodings, weights, pictures = [], [], [], []
     token_pixels = vae.config.downsample_factor * PATCH
     for start in tqdm(range(0, len(scenes), chunk), desc="encode scenes", mininterval=2.0):
-        pictures = [render(s, size) for s in scenes[start : start + chunk]]
-        encoded = encode(vae, to_pixels(pictures))
+        batch = [render(s, size) for s in scenes[start : start + chunk]]
+        pictures.extend(batch)
+        encoded = encode(vae, to_pixels(batch))
         encodings.append(encoded)
-        for scene, picture, latent in zip(scenes[start : start + chunk], pictures, encoded):
+        for scene, picture, latent in zip(scenes[start : start + chunk], batch, encoded):
             coverage = object_coverage(picture, scene.background, token_pixels)
             latents.append(plain_background(latent, coverage, plain[COLOURS.index(scene.background)]))
             weights.append(1 + OBJECT_WEIGHT * coverage)
-    return ScenePool(scenes, torch.stack(latents), torch.cat(encodings), plain, torch.stack(weights), edits)
+    edit_weights = [
+        weights[target] + CHANGE_WEIGHT * changed_coverage(pictures[source], pictures[target], token_pixels)
+        for source, target, _ in edits
+    ]
+    return ScenePool(
+        scenes, torch.stack(latents), torch.cat(encodings), plain, torch.stack(weights), edits, torch.stack(edit_weights)
+    )
 
 
 def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batch_size: int, edit: bool):
     """Prompt rows, the input-image latents their slots take, the target latents, their token
     weights and their plain backgrounds' latents."""
-    rows, sources, targets = [], [], []
+    rows, sources, targets, weights = [], [], [], []
     grid = (pool.latents.shape[2] // PATCH, pool.latents.shape[3] // PATCH)
     for _ in range(batch_size):
         if edit:
-            source, target, example = rng.choice(pool.edits)
+            index = rng.randrange(len(pool.edits))
+            source, target, example = pool.edits[index]
+            weights.append(pool.edit_weights[index])
             draw = rng.random()
             if draw < DROP_ALL:
                 rows.append("")
@@ -167,10 +191,11 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
         else:
             target = rng.randrange(len(pool.scenes))
             rows.append("" if rng.random() < DROP_CAPTION else caption(pool.scenes[target], rng))
+            weights.append(pool.token_weights[target])
         targets.append(target)
     source_latents = pool.encoded[sources] if sources else None
     return (
-        prompts.encode(rows, grid), source_latents, pool.latents[targets], pool.token_weights[targets],
+        prompts.encode(rows, grid), source_latents, pool.latents[targets], torch.stack(weights),
         pool.plain[[COLOURS.index(pool.scenes[target].background) for target in targets]],
     )
 

@@ -36,6 +36,9 @@ VAE_CONFIG = VAEConfig(
 # Noise added to the latents the decoder sees in training, so that it tolerates the small
 # errors of generated tokens.
 LATENT_NOISE = 0.03
+# Pixels next to a colour change weigh 1 + EDGE_WEIGHT in the loss. Nearly all of the error is
+# there (outlines are about 6 % of a picture), and outlines are what tells a square from a circle.
+EDGE_WEIGHT = 8.0
 
 
 def to_pixels(images) -> torch.Tensor:
@@ -62,6 +65,26 @@ def encode(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
 
 def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.denormalize(encode(vae, pixels)))
+
+
+def edge_mask(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W): 1 within two pixels of a change of colour in ``pixels`` (B, 3, H, W), else 0."""
+    step_x = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().amax(1, keepdim=True) > 0.02
+    step_y = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().amax(1, keepdim=True) > 0.02
+    changes = torch.zeros_like(pixels[:, :1], dtype=torch.bool)
+    changes[..., :, 1:] |= step_x
+    changes[..., :, :-1] |= step_x
+    changes[..., 1:, :] |= step_y
+    changes[..., :-1, :] |= step_y
+    return F.max_pool2d(changes.float(), 3, stride=1, padding=1)
+
+
+def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Squared plus absolute error (MSE is what PSNR measures; L1 keeps edges sharp), averaged
+    over the pixels with edges weighted by 1 + EDGE_WEIGHT."""
+    weights = 1 + EDGE_WEIGHT * edge_mask(pixels)
+    error = decoded - pixels
+    return (weights * (error**2 + error.abs())).mean(1, keepdim=True).sum() / weights.sum()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,8 +128,7 @@ def fit(vae, parameters, out, steps, batch_size, size, crop, lr, rng, save_every
         pixels = crop_batch(rng, batch_size, size, crop)
         latents = encode(vae, pixels)
         decoded = vae.decode(vae.denormalize(latents + LATENT_NOISE * torch.randn_like(latents)))
-        # L1 keeps edges sharp; MSE is what PSNR measures.
-        loss = F.mse_loss(decoded, pixels) + F.l1_loss(decoded, pixels)
+        loss = reconstruction_loss(decoded, pixels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
