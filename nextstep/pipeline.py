@@ -18,7 +18,7 @@ from .hub import ModelNotFoundError, resolve_directory
 from .inputs import clean_text, load_image, number
 from .model import NextStepModel
 from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
-from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer
+from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer, with_image_slot
 from .sampling import CFG_SCHEDULES, SAMPLERS, guidance_schedule, noise_draws, time_grid
 from .vae import AutoencoderKL
 
@@ -120,6 +120,10 @@ class NextStepPipeline:
         self.previewer = Previewer(vae, self.config.latent_patch_size)
         stored = directory / STORED_SETTINGS if directory is not None else None
         self._stored = json.loads(stored.read_text()) if stored is not None and stored.is_file() else {}
+        # Where an edit prompt without ``<image>`` takes the input image: as the model was trained
+        # (a model may store "image_slot"), else before the instruction, as the official examples.
+        self.image_slot = self._stored.get("image_slot", "before")
+        with_image_slot("", self.image_slot)  # an unknown place fails at load, not at the first edit
 
     @classmethod
     def from_pretrained(
@@ -294,7 +298,7 @@ class NextStepPipeline:
         # 1. Prompt rows for the guidance branches.
         has_image = request.image is not None
         branches = guidance_branches(request.cfg, request.cfg_img, has_image)
-        prompt = request.prompt if not has_image or IMAGE_SLOT in request.prompt else IMAGE_SLOT + request.prompt
+        prompt = with_image_slot(request.prompt, self.image_slot) if has_image else request.prompt
         rows = self.prompts.rows(
             prompt, request.negative_prompt, request.positive_prompt, request.num_images, branches,
             grid if has_image else None,

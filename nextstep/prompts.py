@@ -26,6 +26,18 @@ IMAGE_AREA = "<|image_area|>"
 BEGIN_OF_IMAGE = "<|begin_of_image|>"
 END_OF_IMAGE = "<|end_of_image|>"
 IMAGE_PLACEHOLDER = "<|image_placeholder|>"
+# Where an edit prompt without an ``<image>`` slot takes the input image.
+IMAGE_SLOT_PLACES = ("before", "after")
+
+
+def with_image_slot(prompt: str, place: str) -> str:
+    """``prompt`` with an ``<image>`` slot added ``place`` (see IMAGE_SLOT_PLACES) the text, unless
+    it has one. The official edit examples put the image before the instruction."""
+    if place not in IMAGE_SLOT_PLACES:
+        raise ValueError(f"the image slot's place must be one of {', '.join(IMAGE_SLOT_PLACES)}, got {place!r}")
+    if IMAGE_SLOT in prompt:
+        return prompt
+    return IMAGE_SLOT + prompt if place == "before" else prompt + IMAGE_SLOT
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:

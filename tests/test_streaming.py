@@ -1,7 +1,12 @@
 """stream(): events, preview cadence, and equality with generate()."""
 
+import json
+import shutil
+
 import pytest
 import torch
+
+from nextstep import NextStepPipeline
 
 from .conftest import TINY, images_as_array, load_case
 
@@ -55,6 +60,23 @@ def test_edit_stream_matches_generate(tiny_pipe):
     events = list(tiny_pipe.stream("make the square green", image, preview="fast", preview_every=5, **kwargs))
     reference = tiny_pipe.generate("<image>make the square green", image, **kwargs)
     assert torch.equal(events[-1].result.tokens, reference.tokens)
+
+
+def test_a_model_can_store_that_edit_prompts_take_the_image_after_the_instruction(tiny_pipe, tmp_path):
+    _, _, image = load_case(TINY, "edit")
+    kwargs = dict(hw=(64, 64), cfg=3.0, cfg_img=2.0, seed=1, num_sampling_steps=2)
+    model = tmp_path / "model"
+    shutil.copytree(TINY / "model", model)
+    (model / "generation_config.json").write_text(json.dumps({"image_slot": "after"}))
+    after = NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+    tokens = {
+        (pipe, prompt): pipe.generate(prompt, image, **kwargs).tokens
+        for pipe in (tiny_pipe, after) for prompt in ("make it green", "make it green<image>", "<image>make it green")
+    }
+    assert torch.equal(tokens[after, "make it green"], tokens[after, "make it green<image>"])
+    assert torch.equal(tokens[tiny_pipe, "make it green"], tokens[tiny_pipe, "<image>make it green"])
+    assert not torch.equal(tokens[after, "make it green"], tokens[tiny_pipe, "make it green"])
+    assert torch.equal(tokens[after, "<image>make it green"], tokens[tiny_pipe, "<image>make it green"])
 
 
 def test_closing_the_stream_stops_sampling(tiny_pipe):

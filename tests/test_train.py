@@ -149,9 +149,26 @@ def test_a_few_steps_lower_the_loss_and_the_checkpoint_generates(toy, tmp_path):
     assert pipe.generate("a red circle", seed=0, **settings).images[0].size == (32, 32)
     wide = pipe.generate("a red circle", seed=0, **dict(settings, hw=(32, 64))).images[0]
     assert wide.size == (64, 32)
-    edit = pipe.generate("make the background blue", wide.crop((0, 0, 32, 32)), seed=0,
-                         **dict(settings, cfg_img=2.0)).images[0]
-    assert edit.size == (32, 32)
+    edit = pipe.generate("make the background blue", wide.crop((0, 0, 32, 32)), seed=0, **dict(settings, cfg_img=2.0))
+    assert edit.images[0].size == (32, 32)
+    # Laid out as in training: the input image after the instruction.
+    slot_after = pipe.generate("make the background blue<image>", wide.crop((0, 0, 32, 32)), seed=0,
+                               **dict(settings, cfg_img=2.0))
+    assert torch.equal(edit.tokens, slot_after.tokens)
+
+
+def test_edit_rows_keep_each_input_token_at_one_distance_from_its_output_token(toy):
+    _, _, tokenizer, pool = toy
+    config = model_config(tokenizer, **TOY_MODEL)
+    batch, *_ = make_batch(pool, PromptBuilder(tokenizer, config.boi), random.Random(0), 40, edit=True)
+    distances, instruction_lengths = set(), set()
+    for ids in batch.input_ids.tolist():
+        if config.image_placeholder_id in ids:
+            last = len(ids) - 1 - ids[::-1].index(config.image_placeholder_id)
+            distances.add(len(ids) - last)  # from the last input token to the first output token
+            first = ids.index(config.image_placeholder_id)
+            instruction_lengths.add(sum(i != config.pad_token_id for i in ids[:first]))
+    assert len(distances) == 1 and len(instruction_lengths) > 2
 
 
 def test_coordinate_search_keeps_each_stage_best_and_scores_each_setting_once():

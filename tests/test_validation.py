@@ -1,6 +1,8 @@
 """Bad arguments raise ValueError with a message a user can act on."""
 
+import json
 import math
+import shutil
 
 import pytest
 from PIL import Image
@@ -50,6 +52,14 @@ def test_image_slot_without_image(tiny_pipe):
 def test_two_image_slots(tiny_pipe):
     with pytest.raises(ValueError, match="at most one"):
         tiny_pipe.generate("<image><image>make it green", Image.new("RGB", (32, 32)), hw=(32, 32))
+
+
+def test_unknown_image_slot_place_fails_at_load(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(TINY / "model", model)
+    (model / "generation_config.json").write_text(json.dumps({"image_slot": "middle"}))
+    with pytest.raises(ValueError, match="image slot's place must be one of before, after"):
+        NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
 
 
 def test_image_not_a_picture(tiny_pipe, tmp_path):

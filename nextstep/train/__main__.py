@@ -94,6 +94,7 @@ def train(args, model_dir: Path, vae_dir: Path, record: dict, stage_done) -> Non
     def save(network: NextStepModel) -> None:
         network.save_pretrained(model_dir)
         tokenizer.save_pretrained(str(model_dir))
+        write_defaults(model_dir, {}, {}, "base settings, not tuned yet")  # holds where edits take the image
 
     losses = train_model(
         model, pool, PromptBuilder(tokenizer, config.boi), args.model_steps, args.batch_size, seed=args.seed + 3, save=save

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..config import NextStepConfig
 from ..model import NextStepModel
-from ..prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, PromptBuilder
+from ..prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, IMAGE_SLOT, PromptBuilder, with_image_slot
 from ..tokens import patchify
 from ..vae import AutoencoderKL
 from .optim import make_optimizer
@@ -61,6 +61,11 @@ INPUT_NOISE = 0.5
 # object tokens copy colour and outline from the object tokens before them, so only an object's
 # first, barely covered token would learn them from the text.
 READ_BACK_DROP = 1.0
+# Edit rows put the input image after the instruction, right before the picture to generate, so
+# that every input token sits at the same distance from its cell's output token whatever the
+# instruction's length: with rotary positions only, that fixed distance is how the model finds
+# the part of the input it copies. Stored with the model, so the pipeline lays prompts out alike.
+EDIT_IMAGE_SLOT = "after"
 
 
 def model_config(tokenizer, latent_size: int = 16, **sizes) -> NextStepConfig:
@@ -186,7 +191,8 @@ def make_batch(pool: ScenePool, prompts: PromptBuilder, rng: random.Random, batc
             if draw < DROP_ALL:
                 rows.append("")
             else:
-                rows.append(prompts.image_text(grid) + ("" if draw < DROP_ALL + DROP_INSTRUCTION else example.instruction))
+                text = with_image_slot("" if draw < DROP_ALL + DROP_INSTRUCTION else example.instruction, EDIT_IMAGE_SLOT)
+                rows.append(text.replace(IMAGE_SLOT, prompts.image_text(grid)))
                 sources.append(source)
         else:
             target = rng.randrange(len(pool.scenes))

@@ -2,7 +2,8 @@
 
 The file holds two sets of ``GenerationRequest`` keywords, ``text_to_image`` and ``edit``
 (``hw``, ``num_sampling_steps``, ``cfg``, ``cfg_img``, ``timesteps_shift``, ``cfg_schedule``,
-``use_norm``, ``sampler``, ``negative_prompt``), plus ``chosen_by``, how they were picked.
+``use_norm``, ``sampler``, ``negative_prompt``), plus ``chosen_by``, how they were picked, and
+``image_slot``, where edit prompts take the input image (as the model was trained).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..pipeline import STORED_SETTINGS as FILE
+from .model_training import EDIT_IMAGE_SLOT
 
 BASE = dict(
     hw=[128, 128],
@@ -56,7 +58,10 @@ def coordinate_search(
 
 
 def write_defaults(directory: Path, text_to_image: dict, edit: dict, chosen_by: str) -> None:
-    values = {"text_to_image": dict(BASE, **text_to_image), "edit": dict(BASE, **edit), "chosen_by": chosen_by}
+    values = {
+        "text_to_image": dict(BASE, **text_to_image), "edit": dict(BASE, **edit), "chosen_by": chosen_by,
+        "image_slot": EDIT_IMAGE_SLOT,
+    }
     (Path(directory) / FILE).write_text(json.dumps(values, indent=2) + "\n")
 
 
