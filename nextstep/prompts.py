@@ -31,8 +31,8 @@ IMAGE_SLOT_PLACES = ("before", "after")
 
 
 def with_image_slot(prompt: str, place: str) -> str:
-    """``prompt`` with an ``<image>`` slot added ``place`` (see IMAGE_SLOT_PLACES) the text, unless
-    it has one. The official edit examples put the image before the instruction."""
+    """``prompt`` with an ``<image>`` slot added before or after its text (``place``), unless it
+    already has one. The official edit examples put the image before the instruction."""
     if place not in IMAGE_SLOT_PLACES:
         raise ValueError(f"the image slot's place must be one of {', '.join(IMAGE_SLOT_PLACES)}, got {place!r}")
     if IMAGE_SLOT in prompt:
