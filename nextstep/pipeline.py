@@ -18,7 +18,9 @@ from .hub import ModelNotFoundError, resolve_directory
 from .inputs import clean_text, load_image, number
 from .model import NextStepModel
 from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
-from .prompts import IMAGE_SLOT, PromptBuilder, guidance_branches, load_tokenizer, with_image_slot
+from .prompts import (
+    IMAGE_SLOT, PromptBuilder, check_image_slot_place, guidance_branches, load_tokenizer, with_image_slot,
+)
 from .sampling import CFG_SCHEDULES, SAMPLERS, guidance_schedule, noise_draws, time_grid
 from .vae import AutoencoderKL
 
@@ -122,8 +124,7 @@ class NextStepPipeline:
         self._stored = json.loads(stored.read_text()) if stored is not None and stored.is_file() else {}
         # Where an edit prompt without ``<image>`` takes the input image: as the model was trained
         # (a model may store "image_slot"), else before the instruction, as the official examples.
-        self.image_slot = self._stored.get("image_slot", "before")
-        with_image_slot("", self.image_slot)  # an unknown place fails at load, not at the first edit
+        self.image_slot = check_image_slot_place(self._stored.get("image_slot", "before"))
 
     @classmethod
     def from_pretrained(

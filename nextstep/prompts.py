@@ -30,11 +30,16 @@ IMAGE_PLACEHOLDER = "<|image_placeholder|>"
 IMAGE_SLOT_PLACES = ("before", "after")
 
 
+def check_image_slot_place(place: str) -> str:
+    if place not in IMAGE_SLOT_PLACES:
+        raise ValueError(f"the image slot's place must be one of {', '.join(IMAGE_SLOT_PLACES)}, got {place!r}")
+    return place
+
+
 def with_image_slot(prompt: str, place: str) -> str:
     """``prompt`` with an ``<image>`` slot added before or after its text (``place``), unless it
     already has one. The official edit examples put the image before the instruction."""
-    if place not in IMAGE_SLOT_PLACES:
-        raise ValueError(f"the image slot's place must be one of {', '.join(IMAGE_SLOT_PLACES)}, got {place!r}")
+    check_image_slot_place(place)
     if IMAGE_SLOT in prompt:
         return prompt
     return IMAGE_SLOT + prompt if place == "before" else prompt + IMAGE_SLOT

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,15 @@ def case_prompt_batch(pipe, args: dict, image):
 
 def images_as_array(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+
+
+def tiny_with_stored_settings(directory: Path, stored: dict) -> NextStepPipeline:
+    """The tiny NextStep-1 model copied into ``directory`` with ``stored`` as its
+    generation_config.json (the settings a trained model keeps beside its weights)."""
+    model = directory / "model"
+    shutil.copytree(TINY / "model", model)
+    (model / "generation_config.json").write_text(json.dumps(stored))
+    return NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from nextstep import NextStepPipeline
 from nextstep.serving import (
     SharedPipeline,
     Size,
@@ -30,7 +28,7 @@ from nextstep.serving import (
     supported_sizes,
 )
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, tiny_with_stored_settings
 
 INPUT_IMAGE = TINY / "input_edit.png"
 # 128x64 is 8x4 = 32 tokens on the tiny model: quick, non-square, and long enough for many previews.
@@ -289,12 +287,9 @@ def test_page_defaults_follow_the_family_then_the_models_stored_settings(tiny_pi
     assert page_defaults(tiny_pipe, edit=False)["num_sampling_steps"] == family["num_sampling_steps"]
     edit = page_defaults(tiny_pipe, edit=True)
     assert (edit["negative_prompt"], edit["cfg_img"], edit["timesteps_shift"]) == ("Copy original image.", 2.0, 3.2)
-    model = tmp_path / "model"
-    shutil.copytree(TINY / "model", model)
-    (model / "generation_config.json").write_text(json.dumps(
-        {"text_to_image": {"hw": [64, 64], "num_sampling_steps": 20, "use_norm": False}, "edit": {"cfg_img": 1.5}}
-    ))
-    trained = NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+    trained = tiny_with_stored_settings(tmp_path, {
+        "text_to_image": {"hw": [64, 64], "num_sampling_steps": 20, "use_norm": False}, "edit": {"cfg_img": 1.5}
+    })
     stored = page_defaults(trained, edit=False)
     assert (stored["hw"], stored["num_sampling_steps"], stored["use_norm"]) == ([64, 64], 20, False)
     assert page_defaults(trained, edit=True)["cfg_img"] == 1.5

@@ -1,14 +1,9 @@
 """stream(): events, preview cadence, and equality with generate()."""
 
-import json
-import shutil
-
 import pytest
 import torch
 
-from nextstep import NextStepPipeline
-
-from .conftest import TINY, images_as_array, load_case
+from .conftest import TINY, images_as_array, load_case, tiny_with_stored_settings
 
 KWARGS = dict(negative_prompt="blurry", hw=(64, 64), cfg=3.0, num_sampling_steps=4, seed=3)
 
@@ -65,10 +60,7 @@ def test_edit_stream_matches_generate(tiny_pipe):
 def test_a_model_can_store_that_edit_prompts_take_the_image_after_the_instruction(tiny_pipe, tmp_path):
     _, _, image = load_case(TINY, "edit")
     kwargs = dict(hw=(64, 64), cfg=3.0, cfg_img=2.0, seed=1, num_sampling_steps=2)
-    model = tmp_path / "model"
-    shutil.copytree(TINY / "model", model)
-    (model / "generation_config.json").write_text(json.dumps({"image_slot": "after"}))
-    after = NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+    after = tiny_with_stored_settings(tmp_path, {"image_slot": "after"})
     tokens = {
         (pipe, prompt): pipe.generate(prompt, image, **kwargs).tokens
         for pipe in (tiny_pipe, after) for prompt in ("make it green", "make it green<image>", "<image>make it green")

@@ -1,15 +1,13 @@
 """Bad arguments raise ValueError with a message a user can act on."""
 
-import json
 import math
-import shutil
 
 import pytest
 from PIL import Image
 
 from nextstep import NextStepPipeline
 
-from .conftest import TINY
+from .conftest import TINY, tiny_with_stored_settings
 
 BAD = [
     (dict(hw=(40, 64)), "multiples of 16"),
@@ -55,11 +53,8 @@ def test_two_image_slots(tiny_pipe):
 
 
 def test_unknown_image_slot_place_fails_at_load(tmp_path):
-    model = tmp_path / "model"
-    shutil.copytree(TINY / "model", model)
-    (model / "generation_config.json").write_text(json.dumps({"image_slot": "middle"}))
     with pytest.raises(ValueError, match="image slot's place must be one of before, after"):
-        NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+        tiny_with_stored_settings(tmp_path, {"image_slot": "middle"})
 
 
 def test_image_not_a_picture(tiny_pipe, tmp_path):
