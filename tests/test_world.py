@@ -7,12 +7,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from nextstep.train.evaluate import average, held_out_edits, held_out_scenes, read_scene, score_edit, score_scene
+from nextstep.train.evaluate import (
+    average, held_out_edits, held_out_scenes, read_scene, score_edit, score_scene, shape_hits, share_by_kind,
+)
 from nextstep.train.world import (
     CELLS,
     COLOURS,
     CELL_PHRASES,
     EDIT_KINDS,
+    SHAPES,
+    SIZES,
     SIZE_WORDS,
     caption,
     cell_box,
@@ -140,6 +144,21 @@ def test_wrong_colours_and_places_score_low():
     assert colour["position"] == 1.0 and place["colour"] == 1.0  # the other attributes still read right
     background = average([score_scene(render(replace(s, background=wrong_colour(s).objects[0].colour)), s) for s in scenes])
     assert background["background"] == 0.0
+
+
+def test_shape_figures_by_kind_name_the_shape_that_is_drawn_wrong():
+    scenes = held_out_scenes(60, 1) + held_out_scenes(20, 2)
+    right = share_by_kind([hit for s in scenes for hit in shape_hits(render(s), s)])
+    assert set(right) == {f"{size} {shape}" for size in SIZES for shape in SHAPES}
+    assert all(value == 1.0 for value in right.values()), right
+
+    def squares_as_circles(scene):
+        return replace(scene, objects=tuple(
+            replace(o, shape="circle") if o.shape == "square" and o.size == "small" else o for o in scene.objects))
+
+    wrong = share_by_kind([hit for s in scenes for hit in shape_hits(render(squares_as_circles(s)), s)])
+    assert wrong.pop("small square") == 0.0
+    assert all(value == 1.0 for value in wrong.values()), wrong
 
 
 def test_edit_scores_separate_doing_it_from_not_doing_it():

@@ -135,6 +135,19 @@ def score_scene(image: Image.Image, scene: Scene) -> dict[str, float]:
     return scores
 
 
+def shape_hits(image: Image.Image, scene: Scene) -> list[tuple[str, bool]]:
+    """For each object of the spec: its size and shape (e.g. "small square") and whether the
+    object read back for it has that shape."""
+    found = match(scene.objects, read_scene(image)[1])
+    return [(f"{o.size} {o.shape}", d is not None and d.shape == o.shape) for o, d in zip(scene.objects, found)]
+
+
+def share_by_kind(hits: list[tuple[str, bool]]) -> dict[str, float]:
+    """Share of right shapes for each size and shape, from ``shape_hits``."""
+    kinds = sorted({kind for kind, _ in hits})
+    return {kind: float(np.mean([hit for k, hit in hits if k == kind])) for kind in kinds}
+
+
 def unchanged_mask(source: Scene, target: Scene, size: int, margin: int = 3) -> np.ndarray:
     """Pixels an edit should leave alone: equal in both renders, ``margin`` pixels away from any change."""
     changed = np.any(np.asarray(render(source, size)) != np.asarray(render(target, size)), axis=-1)
@@ -188,12 +201,14 @@ def held_out_edits(count: int, split: str = "test", seed: int = 1234):
 
 
 def evaluate_text_to_image(pipe, scenes: list[Scene], settings: dict, seed: int = 0) -> dict:
+    """The averaged ``score_scene`` figures, and ``shape_by_kind`` (see ``share_by_kind``)."""
     rng = random.Random(seed)
-    rows = []
+    rows, hits = [], []
     for i, scene in enumerate(scenes):
         image = pipe.generate(caption(scene, rng), seed=seed + i, **settings).images[0]
         rows.append(score_scene(image, scene))
-    return average(rows)
+        hits.extend(shape_hits(image, scene))
+    return dict(average(rows), shape_by_kind=share_by_kind(hits))
 
 
 def evaluate_edits(pipe, edits, settings: dict, seed: int = 0) -> dict:
