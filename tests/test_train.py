@@ -11,7 +11,7 @@ from nextstep.prompts import PromptBuilder
 from nextstep.tokens import patchify
 from nextstep.train.model_training import (
     build_pool, changed_coverage, drop_to_background, flow_matching_loss, make_batch, model_config, object_coverage,
-    train_model,
+    object_weights, train_model,
 )
 from nextstep.train.sampling_defaults import coordinate_search, read_defaults, write_defaults
 from nextstep.train.vae_training import EDGE_WEIGHT, edge_mask, encode, reconstruction_loss, to_pixels, train_vae
@@ -39,17 +39,34 @@ def toy(tmp_path_factory):
 def test_pool_takes_the_background_tokens_from_the_plain_background(toy):
     _, vae, _, pool = toy
     kinds = set()
-    for scene, latents, encoded in list(zip(pool.scenes, pool.latents, pool.encoded))[:8]:
+    for index, (scene, latents, encoded) in enumerate(list(zip(pool.scenes, pool.latents, pool.encoded))[:8]):
         picture = render(scene, 32)
         own, plain = encode(vae, to_pixels([picture, render(Scene(scene.background, ()), 32)]))
         torch.testing.assert_close(encoded, own, atol=1e-5, rtol=1e-5)  # what an edit reads as its input
         torch.testing.assert_close(pool.plain[COLOURS.index(scene.background)], plain, atol=1e-5, rtol=1e-5)
         tokens, own, plain = (patchify(x[None], 2)[0] for x in (latents, own, plain))
-        touched = object_coverage(picture, scene.background, 16) > 0
+        coverage = object_coverage(picture, scene.background, 16)
+        torch.testing.assert_close(pool.token_weights[index], object_weights(coverage))
+        touched = coverage > 0
         torch.testing.assert_close(tokens[touched], own[touched], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(tokens[~touched], plain[~touched], atol=1e-5, rtol=1e-5)
         kinds.update(touched.tolist())
     assert kinds == {True, False}
+
+
+def test_outline_tokens_weigh_most_then_object_interiors_then_plain_background():
+    # A large square in the center spans pixels 46-82: token rows and columns 3-4 lie inside it,
+    # 2 and 5 hold its outline.
+    scene = Scene("white", (Obj("square", "red", "large", "center"),))
+    weights = object_weights(object_coverage(render(scene, 128), "white", 16)).reshape(8, 8)
+    interior, ring = weights[3:5, 3:5], weights[2:6, 2:6].clone()
+    ring[1:3, 1:3] = 0
+    outline = ring[ring > 0]
+    assert len(outline) == 12 and outline.unique().numel() == 1 and interior.unique().numel() == 1
+    background = weights.clone()
+    background[2:6, 2:6] = 0
+    assert background[background > 0].unique().tolist() == [1.0]
+    assert outline[0] > interior[0, 0] > 1
 
 
 def test_edit_tokens_weigh_more_exactly_where_the_edit_changes_the_picture(toy):

@@ -13,12 +13,14 @@ background carry faint traces of the objects elsewhere; a model taught on them f
 from those traces in what it reads back, traces its own samples do not carry, and then draws
 objects wherever its first background samples happen to hint.
 
-Tokens are weighted by how much of their patch the objects cover: most of a picture is plain
-background, learnt within the first few hundred steps, and an unweighted loss spends most of
-its gradient on it while the objects (what the captions are about) lag far behind. For the same
-reason an edit's tokens weigh more where the edit changes the picture: most of an edited picture
-is a copy of its input, and a removed or moved object leaves plain background behind that the
-object weight alone would count least.
+Tokens are weighted by what of the objects they hold (``object_weights``): most of a picture is
+plain background, learnt within the first few hundred steps, and an unweighted loss spends most
+of its gradient on it while the objects (what the captions are about) lag far behind. Tokens
+that hold part of an outline weigh most: they are the hardest to draw (their loss stays an order
+above the background's and well above an object's interior) and the only ones that tell a small
+square from a small circle. For the same reason an edit's tokens weigh more where the edit
+changes the picture: most of an edited picture is a copy of its input, and a removed or moved
+object leaves plain background behind that the object weight alone would count least.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ EDIT_SHARE = 0.5  # fraction of batches that are edits
 EDITS_PER_SCENE = 2  # edits drawn for each training scene (those whose result is a training scene are kept)
 TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap next to the backbone
 PATCH = 2  # latent patch side of one image token, as NextStep-1
-OBJECT_WEIGHT = 4.0  # a token wholly inside an object weighs 1 + OBJECT_WEIGHT, plain background 1
+OBJECT_WEIGHT = 4.0  # added to the weight (1) of every token an object touches
+OUTLINE_WEIGHT = 4.0  # added again where an object covers only part of the token: its outline
 CHANGE_WEIGHT = 4.0  # added to an edit's token wholly inside what the edit changes
 # The tokens the backbone reads back are noised (std drawn per sequence, uniform up to this; a
 # token's entries have unit variance), so that the model does not lean on fine detail of exact
@@ -126,6 +129,13 @@ def object_coverage(picture, background: str, token_pixels: int) -> torch.Tensor
     return changed_coverage(picture, Image.new("RGB", picture.size, PALETTE[background]), token_pixels)
 
 
+def object_weights(coverage: torch.Tensor) -> torch.Tensor:
+    """Loss weight of each token from its object ``coverage``: 1 for plain background, more
+    where an object is, most along its outline."""
+    touched, outline = coverage > 0, (coverage > 0) & (coverage < 1)
+    return 1 + OBJECT_WEIGHT * touched.float() + OUTLINE_WEIGHT * outline.float()
+
+
 def changed_coverage(picture, other, token_pixels: int) -> torch.Tensor:
     """Fraction of each token's patch of pixels that differs between two pictures, row-major."""
     a, b = (torch.from_numpy(np.asarray(p, dtype=np.int16)) for p in (picture, other))
@@ -167,7 +177,7 @@ def build_pool(vae: AutoencoderKL, count: int, seed: int, size: int = 128, chunk
         for scene, picture, latent in zip(scenes[start : start + chunk], batch, encoded):
             coverage = object_coverage(picture, scene.background, token_pixels)
             latents.append(plain_background(latent, coverage, plain[COLOURS.index(scene.background)]))
-            weights.append(1 + OBJECT_WEIGHT * coverage)
+            weights.append(object_weights(coverage))
     edit_weights = [
         weights[target] + CHANGE_WEIGHT * changed_coverage(pictures[source], pictures[target], token_pixels)
         for source, target, _ in edits
