@@ -132,7 +132,8 @@ def object_coverage(picture, background: str, token_pixels: int) -> torch.Tensor
 def object_weights(coverage: torch.Tensor) -> torch.Tensor:
     """Loss weight of each token from its object ``coverage``: 1 for plain background, more
     where an object is, most along its outline."""
-    touched, outline = coverage > 0, (coverage > 0) & (coverage < 1)
+    touched = coverage > 0
+    outline = touched & (coverage < 1)
     return 1 + OBJECT_WEIGHT * touched.float() + OUTLINE_WEIGHT * outline.float()
 
 
