@@ -25,10 +25,12 @@ from PIL import Image
 from ..pipeline import NextStepPipeline
 from .sampling_defaults import BASE, EDIT_SEARCH, TEXT_TO_IMAGE_SEARCH, coordinate_search, read_defaults
 from .vae_training import psnr, reconstruct, to_pixels
-from .world import CELLS, COLOURS, EDIT_KINDS, PALETTE, Obj, Scene, caption, random_edit, random_scene, render
+from .world import CELLS, COLOURS, EDIT_KINDS, PALETTE, SIZE_FRACTION, Obj, Scene, caption, random_edit, random_scene, render
 
 ERODE = 2  # pixels stripped from every colour region: blended edges and thin colour fringes
 MIN_AREA = 20  # pixels left after erosion for a colour to count as an object
+# An object at least this share of a cell wide is large: halfway between the two sizes drawn.
+LARGE_FROM = (SIZE_FRACTION["small"] + SIZE_FRACTION["large"]) / 2
 PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 
 
@@ -77,8 +79,7 @@ def measure(mask: np.ndarray, colour: str) -> Detected:
     col = min(int(xs.mean() / (w / 3)), 2)
     row = min(int(ys.mean() / (h / 3)), 2)
     extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 + 2 * ERODE
-    # Objects span 0.45 (small) or 0.85 (large) of a cell.
-    size = "large" if extent > 0.65 * w / 3 else "small"
+    size = "large" if extent > LARGE_FROM * w / 3 else "small"
     return Detected(colour, CELLS[row * 3 + col], classify_shape(mask), size, len(xs))
 
 
