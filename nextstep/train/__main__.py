@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=1600)
     parser.add_argument("--decoder-steps", type=int, default=2400, help="decoder-only steps after the VAE")
     parser.add_argument("--reuse-vae", action="store_true", help="take the VAE already in OUT instead of training one")
-    parser.add_argument("--scenes", type=int, default=6000, help="training scenes encoded for the model")
-    parser.add_argument("--model-steps", type=int, default=9600)
+    parser.add_argument("--scenes", type=int, default=12000, help="training scenes encoded for the model")
+    parser.add_argument("--model-steps", type=int, default=24000)
     parser.add_argument("--batch-size", type=int, default=24)
-    parser.add_argument("--tune", type=int, nargs=3, default=(12, 8, 10), metavar=("SINGLES", "PAIRS", "EDITS"),
+    parser.add_argument("--tune", type=int, nargs=3, default=(16, 8, 30), metavar=("SINGLES", "PAIRS", "EDITS"),
                         help="validation prompts per candidate setting (0 0 0 keeps the base settings)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one per core is fastest on a quiet machine)")
     parser.add_argument("--finish-only", action="store_true",

@@ -48,7 +48,7 @@ from .world import COLOURS, PALETTE, Edit, Scene, caption, random_edit, random_s
 DROP_CAPTION = 0.1
 DROP_INSTRUCTION = 0.1
 DROP_ALL = 0.05
-EDIT_SHARE = 0.6  # fraction of batches that are edits
+EDIT_SHARE = 0.7  # fraction of batches that are edits
 EDITS_PER_SCENE = 2  # edits drawn for each training scene (those whose result is a training scene are kept)
 TIMES_PER_TOKEN = 2  # flow-head samples per image token, as the head is cheap next to the backbone
 PATCH = 2  # latent patch side of one image token, as NextStep-1
