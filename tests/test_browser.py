@@ -124,7 +124,10 @@ def test_edit_an_uploaded_image(page, tmp_path):
 
 
 def test_stop_ends_a_generation(page, tmp_path):
-    choose_size(page, "generate", "256 × 256 (1:1)")  # many seconds here: time to press Stop
+    # The largest size at the most steps, so that the generation is still running when Stop lands
+    # (at the default 50 steps, a fast machine finishes it in about 1.5 s).
+    choose_size(page, "generate", "256 × 256 (1:1)")
+    set_slider(page, "generate-steps", 100)
     page.fill("#generate-prompt textarea", "a blue square")
     page.click("#generate-run")
     page.wait_for_selector("#generate-preview img", timeout=60_000)
