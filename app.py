@@ -1,14 +1,18 @@
 """NextStep Studio: a Gradio page for NextStep-1 with live previews (Generate and Edit tabs).
 
-UI only: widgets, events and formatting. Loading, sizes, the shared-model lock, progress and
-PNG parameters live in ``nextstep.serving``.
+UI only: widgets, events and formatting. The settings, their defaults and sizes come from
+``nextstep.settings`` / ``nextstep.sizes``; the shared model, progress frames and PNG parameters
+from ``nextstep.serving``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,28 +27,15 @@ except ImportError:
 
 
 import gradio as gr
-import torch
 
 from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
+from nextstep.devices import DTYPES, pick_device, pick_dtype, set_threads
 from nextstep.inputs import clean_text, load_image, number
 from nextstep.sampling import SAMPLERS
-from nextstep.scheduler import Busy, GenerationFailed
-from nextstep.serving import (
-    DTYPES,
-    MAX_UI_SEED,
-    SharedPipeline,
-    Size,
-    closest_size,
-    default_size,
-    describe,
-    draw_seed,
-    load_examples,
-    page_defaults,
-    pick_device,
-    pick_dtype,
-    supported_sizes,
-    tile,
-)
+from nextstep.scheduler import Busy, GenerationFailed, Ticket
+from nextstep.serving import SharedPipeline, describe, load_examples, tile
+from nextstep.settings import MAX_DRAWN_SEED
+from nextstep.sizes import Size, closest_size
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "assets/shapes-model"
@@ -61,6 +52,7 @@ FALLBACK_PROMPTS = [
 ]
 PREVIEW_MODES = [("Exact", "vae"), ("Fast", "fast"), ("Off", "none")]
 SCHEDULES = [("Constant", "constant"), ("Linear", "linear")]
+STOPPED = "Stopped."
 # Small images fill the preview box, with crisp pixels rather than a blur.
 CSS = ".live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 NO_EDIT_MODEL = (
@@ -94,35 +86,96 @@ def load_services(
     return Services(generator, editor, vae)
 
 
-# ---- page pieces shared by both tabs ------------------------------------------------------
+# ---- the sampling controls: one table, keyed by request field -------------------------------
+
+
+@dataclass(frozen=True)
+class Control:
+    """How one request field is drawn: in which accordion and row, by what widget."""
+
+    section: str  # "Settings" or "Prompts"
+    row: int  # controls with the same row number sit side by side
+    build: Callable[[TabContext], gr.Component]
+    edit_only: bool = False
 
 
 @dataclass
-class Controls:
-    """The sampling widgets of one tab, in the order its handler takes them."""
+class TabContext:
+    """What a control needs to draw itself for one tab."""
 
-    negative_prompt: gr.Textbox
-    positive_prompt: gr.Textbox
-    size: gr.Dropdown
-    num_images: gr.Slider
-    cfg: gr.Slider
-    cfg_img: gr.Slider | None
-    steps: gr.Slider
-    shift: gr.Slider
-    schedule: gr.Radio
-    sampler: gr.Dropdown
-    seed: gr.Number
+    prefix: str
+    defaults: dict  # the engine's defaults for this tab (``NextStepPipeline.defaults``)
+    sizes: list[Size]
+
+
+# Each key is a request field: the control's value reaches the engine under that name.
+CONTROLS = {
+    "size": Control("Settings", 0, lambda t: gr.Dropdown(
+        [(s.label, s.value) for s in t.sizes], value=t.defaults["size"].value, label="Size (width × height)",
+        elem_id=f"{t.prefix}-size")),
+    "num_images": Control("Settings", 1, lambda t: CheckedSlider(1, 4, value=t.defaults["num_images"], step=1,
+                                                                 label="Images")),
+    "cfg": Control("Settings", 2, lambda t: CheckedSlider(
+        1, 15, value=t.defaults["cfg"], step=0.1, label="Text guidance", info="How strongly the image follows the text")),
+    "cfg_img": Control("Settings", 2, lambda t: CheckedSlider(
+        1, 10, value=t.defaults["cfg_img"], step=0.1, label="Image guidance",
+        info="How strongly the result keeps the input image"), edit_only=True),
+    "num_sampling_steps": Control("Settings", 3, lambda t: CheckedSlider(
+        1, 100, value=t.defaults["num_sampling_steps"], step=1, label="Sampling steps per token",
+        elem_id=f"{t.prefix}-steps")),
+    "timesteps_shift": Control("Settings", 3, lambda t: CheckedSlider(
+        0.1, 10, value=t.defaults["timesteps_shift"], step=0.1, label="Time shift")),
+    "cfg_schedule": Control("Settings", 4, lambda t: gr.Radio(
+        SCHEDULES, value=t.defaults["cfg_schedule"], label="Guidance schedule")),
+    "sampler": Control("Settings", 4, lambda t: gr.Dropdown(
+        list(SAMPLERS), value=t.defaults["sampler"], label="Sampler",
+        info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")),
+    "use_norm": Control("Settings", 5, lambda t: gr.Checkbox(
+        value=t.defaults["use_norm"], label="Normalise tokens", info="LayerNorm each sampled token (NextStep-1)")),
+    "seed": Control("Settings", 6, lambda t: CheckedNumber(
+        value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label="Seed", elem_id=f"{t.prefix}-seed")),
+    "negative_prompt": Control("Prompts", 0, lambda t: gr.Textbox(
+        value=t.defaults["negative_prompt"], label="Negative prompt", placeholder="What the image should avoid")),
+    "positive_prompt": Control("Prompts", 1, lambda t: gr.Textbox(
+        value=t.defaults["positive_prompt"], label="Positive (style) prompt", placeholder="Appended to the prompt")),
+}
+
+
+@dataclass
+class TabControls:
+    """One tab's controls: ``settings`` by request field, plus how the page seeds and previews."""
+
+    settings: dict[str, gr.Component]
     randomize_seed: gr.Checkbox
     preview: gr.Radio
     preview_every: gr.Slider
 
-    def inputs(self) -> list:
-        widgets = [
-            self.negative_prompt, self.positive_prompt, self.size, self.num_images, self.cfg, self.cfg_img,
-            self.steps, self.shift, self.schedule, self.sampler, self.seed, self.randomize_seed, self.preview,
-            self.preview_every,
-        ]
-        return [widget for widget in widgets if widget is not None]
+    def inputs(self) -> dict[str, gr.Component]:
+        """The handler's keyword inputs (``inputs_kwargs``)."""
+        page = dict(randomize_seed=self.randomize_seed, preview=self.preview, preview_every=self.preview_every)
+        return {**self.settings, **page}
+
+
+def sampling_controls(context: TabContext, edit: bool) -> TabControls:
+    chosen = {name: control for name, control in CONTROLS.items() if edit or not control.edit_only}
+    settings = {}
+    for section, opened in (("Settings", True), ("Prompts", edit)):
+        with gr.Accordion(section, open=opened):
+            in_section = [(name, c) for name, c in chosen.items() if c.section == section]
+            for row in sorted({c.row for _, c in in_section}):
+                with gr.Row():
+                    for name, control in in_section:
+                        if control.row == row:
+                            settings[name] = control.build(context)
+                    if section == "Settings" and row == CONTROLS["seed"].row:
+                        randomize_seed = gr.Checkbox(value=True, label="Randomize seed",
+                                                     elem_id=f"{context.prefix}-randomize")
+            if section == "Settings":
+                with gr.Row():
+                    preview = gr.Radio(PREVIEW_MODES, value="vae", label="Live preview",
+                                       info="Exact runs the VAE decoder; Fast is a nearly free colour map")
+                    preview_every = CheckedSlider(1, 64, value=8, step=1, label="Preview every N tokens")
+    return TabControls(settings, randomize_seed, preview, preview_every)
 
 
 @dataclass
@@ -136,40 +189,6 @@ class Results:
     def outputs(self, seed: gr.Number) -> list:
         """What a run updates, in the order ``stream_to_page`` yields it."""
         return [self.preview, self.gallery, self.status, self.parameters, seed]
-
-
-def sampling_controls(prefix: str, defaults: dict, sizes: list[Size], edit: bool) -> Controls:
-    choices = [(size.label, size.value) for size in sizes]
-    with gr.Accordion("Settings", open=True):
-        size = gr.Dropdown(choices, value=default_size(sizes, defaults.get("hw")).value,
-                           label="Size (width × height)", elem_id=f"{prefix}-size")
-        num_images = CheckedSlider(1, 4, value=1, step=1, label="Images")
-        with gr.Row():
-            cfg = CheckedSlider(1, 15, value=defaults["cfg"], step=0.1, label="Text guidance",
-                            info="How strongly the image follows the text")
-            cfg_img = CheckedSlider(1, 10, value=defaults["cfg_img"], step=0.1, label="Image guidance",
-                                info="How strongly the result keeps the input image") if edit else None
-        with gr.Row():
-            steps = CheckedSlider(1, 100, value=defaults["num_sampling_steps"], step=1,
-                              label="Sampling steps per token", elem_id=f"{prefix}-steps")
-            shift = CheckedSlider(0.1, 10, value=defaults["timesteps_shift"], step=0.1, label="Time shift")
-        with gr.Row():
-            schedule = gr.Radio(SCHEDULES, value=defaults["cfg_schedule"], label="Guidance schedule")
-            sampler = gr.Dropdown(list(SAMPLERS), value=defaults["sampler"], label="Sampler",
-                                  info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")
-        with gr.Row():
-            seed = CheckedNumber(value=0, minimum=0, maximum=MAX_UI_SEED, precision=0, label="Seed")
-            randomize_seed = gr.Checkbox(value=True, label="Randomize seed")
-        with gr.Row():
-            preview = gr.Radio(PREVIEW_MODES, value="vae", label="Live preview",
-                               info="Exact runs the VAE decoder; Fast is a nearly free colour map")
-            preview_every = CheckedSlider(1, 64, value=8, step=1, label="Preview every N tokens")
-    with gr.Accordion("Prompts", open=edit):
-        negative_prompt = gr.Textbox(value=defaults["negative_prompt"], label="Negative prompt",
-                                     placeholder="What the image should avoid")
-        positive_prompt = gr.Textbox("", label="Positive (style) prompt", placeholder="Appended to the prompt")
-    return Controls(negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps, shift, schedule,
-                    sampler, seed, randomize_seed, preview, preview_every)
 
 
 def result_panel(prefix: str) -> Results:
@@ -242,38 +261,80 @@ def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.B
     return run, stop
 
 
-def stream_to_page(service: SharedPipeline, defaults: dict, prompt: str, image, *, size: str, num_images: float,
-                   cfg: float, steps: float, shift: float, schedule: str, sampler: str, seed: float,
-                   randomize_seed: bool, preview: str, preview_every: float, negative_prompt: str,
-                   positive_prompt: str, cfg_img: float | None = None):
-    """Yield (preview, gallery, status, parameters, seed) frames for one request; settings the
-    page does not show (use_norm, …) come from ``defaults``."""
-    seed = draw_seed() if randomize_seed else int(seed)
-    settings = dict(
-        defaults, hw=Size.parse(size).hw, num_images=int(num_images), cfg=cfg, num_sampling_steps=int(steps),
-        timesteps_shift=shift, cfg_schedule=schedule, sampler=sampler, seed=seed,
-        negative_prompt=negative_prompt or None, positive_prompt=positive_prompt or None,
-    )
-    if cfg_img is not None:
-        settings["cfg_img"] = cfg_img
+class RunBook:
+    """How each browser session's latest run of each tab ended, for the status line after Stop.
+
+    Stop cancels the run's event; Gradio then runs the event's follow-up listener, after the
+    cancelled stream is gone. That listener (``after_run``) alone writes "Stopped.", once the
+    request has let go of the model, so no late progress frame can overwrite it.
+    """
+
+    LIMIT = 1024  # sessions that closed before their follow-up ran are forgotten oldest first
+
+    def __init__(self):
+        self._runs: OrderedDict[tuple[str, str], dict] = OrderedDict()
+
+    def start(self, key: tuple[str, str]) -> dict:
+        record = {"outcome": "running", "ticket": None}
+        self._runs[key] = record
+        self._runs.move_to_end(key)
+        while len(self._runs) > self.LIMIT:
+            self._runs.popitem(last=False)
+        return record
+
+    def pop(self, key: tuple[str, str]) -> dict | None:
+        return self._runs.pop(key, None)
+
+
+async def stream_to_page(service: SharedPipeline, record: dict, prompt: str, image, *, randomize_seed: bool,
+                         preview: str, preview_every, **settings):
+    """Yield (preview, gallery, status, parameters, seed) frames for one request; ``settings`` are
+    request fields. ``record`` learns how the run ended ("done", "failed" or "stopped")."""
     try:
         if not clean_text(prompt, "prompt"):
             raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
-        frames = service.stream(prompt, image, preview=preview, preview_every=int(preview_every), **settings)
+        if randomize_seed:
+            settings["seed"] = None  # the engine draws one, and the page shows it
+        ticket: Ticket = service.submit(prompt, image, preview=preview, preview_every=preview_every, **settings)
+        record["ticket"] = ticket
+        seed = ticket.request.seed
         yield None, None, "Waiting for the model…", None, seed
         # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
         # rebuilds a skipped component's whole config (its API schema included), which costs
         # far more than the frame itself and, with many users, slows the model's thread.
         shown_preview = None
-        for frame in frames:
+        async for frame in service.frames(ticket):
             if frame.result is not None:
                 images = frame.result.images
+                record["outcome"] = "done"
                 yield tile(images), images, frame.status(), frame.result.parameters, seed
             else:
                 shown_preview = tile(frame.preview) if frame.preview else shown_preview
                 yield shown_preview, None, frame.status(), None, seed
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
+        record["outcome"] = "failed"
         raise gr.Error(str(error)) from None
+    except (asyncio.CancelledError, GeneratorExit):  # Stop, or the page went away
+        record["outcome"] = "stopped"
+        raise
+    except BaseException:
+        record["outcome"] = "failed"
+        raise
+
+
+def after_run(book: RunBook, tab: str) -> Callable:
+    """The follow-up listener of a tab's runs: "Stopped." once a stopped request has left the
+    model, else nothing."""
+
+    async def status_after(request: gr.Request):
+        record = book.pop((request.session_hash, tab))
+        if record is None or record["outcome"] != "stopped":
+            return gr.skip()
+        if record["ticket"] is not None:
+            await asyncio.to_thread(record["ticket"].wait_left, 60)
+        return STOPPED
+
+    return status_after
 
 
 def picked_image(gallery: list | None, index: int):
@@ -308,9 +369,10 @@ def build_demo(services: Services) -> gr.Blocks:
     generator, editor = services.generator, services.editor
     # Without an edit model the Edit tab still shows its controls (its button disabled) for orientation.
     edit_pipe = (editor or generator).pipe
-    generate_defaults, edit_defaults = page_defaults(generator.pipe, edit=False), page_defaults(edit_pipe, edit=True)
-    edit_sizes = supported_sizes(edit_pipe, input_images=1)
+    generate_context = TabContext("generate", generator.pipe.defaults(edit=False), generator.pipe.engine.sizes(False))
+    edit_context = TabContext("edit", edit_pipe.defaults(edit=True), edit_pipe.engine.sizes(True))
     examples = load_examples(EXAMPLES)
+    book = RunBook()
     with gr.Blocks(title="NextStep Studio", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(
             "# NextStep Studio\n"
@@ -324,8 +386,7 @@ def build_demo(services: Services) -> gr.Blocks:
                                             elem_id="generate-prompt")
                         generate_button, generate_stop = run_buttons("generate", "Generate", True)
                         generate_examples = gr.Column()  # filled below, once the seed widgets exist
-                        generate_controls = sampling_controls("generate", generate_defaults,
-                                                              supported_sizes(generator.pipe), edit=False)
+                        generate_controls = sampling_controls(generate_context, edit=False)
                     with gr.Column(scale=3):
                         generate_results = result_panel("generate")
                         send_to_edit = gr.Button("Send to Edit", elem_id="send-to-edit", interactive=editor is not None)
@@ -335,68 +396,63 @@ def build_demo(services: Services) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=2):
                         input_image = ImageUpload(label="Input image", type="filepath",
-                                               sources=["upload", "clipboard", "webcam"], height=280,
-                                               elem_id="edit-image")
+                                                  sources=["upload", "clipboard", "webcam"], height=280,
+                                                  elem_id="edit-image")
                         instruction = gr.Textbox(label="Instruction", lines=2, placeholder="What to change",
                                                  elem_id="edit-instruction")
                         edit_button, edit_stop = run_buttons("edit", "Edit", editor is not None)
                         edit_examples = gr.Column()
-                        edit_controls = sampling_controls("edit", edit_defaults, edit_sizes, edit=True)
+                        edit_controls = sampling_controls(edit_context, edit=True)
                     with gr.Column(scale=3):
                         edit_results = result_panel("edit")
                         use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
         model_panel(services)
         # Examples set the seed they were checked with, so they reproduce.
+        generate_seed, edit_seed = generate_controls.settings["seed"], edit_controls.settings["seed"]
         with generate_examples:
             prompts = examples["text_to_image"] or FALLBACK_PROMPTS
             gr.Examples([[e["prompt"], e["seed"], False] for e in prompts],
-                        inputs=[prompt, generate_controls.seed, generate_controls.randomize_seed],
+                        inputs=[prompt, generate_seed, generate_controls.randomize_seed],
                         example_labels=[e["prompt"] for e in prompts], examples_per_page=6, cache_examples=False)
         if examples["edit"]:
             with edit_examples:
                 gr.Examples([[e["image"], e["instruction"], e["seed"], False] for e in examples["edit"]],
-                            inputs=[input_image, instruction, edit_controls.seed, edit_controls.randomize_seed],
+                            inputs=[input_image, instruction, edit_seed, edit_controls.randomize_seed],
                             example_labels=[e["instruction"] for e in examples["edit"]], examples_per_page=6,
                             cache_examples=False)
 
         @on_gpu
-        def generate(prompt, negative_prompt, positive_prompt, size, num_images, cfg, steps, shift, schedule,
-                     sampler, seed, randomize_seed, preview, preview_every):
-            yield from stream_to_page(
-                generator, generate_defaults, prompt, None, negative_prompt=negative_prompt,
-                positive_prompt=positive_prompt, size=size, num_images=num_images, cfg=cfg, steps=steps, shift=shift,
-                schedule=schedule, sampler=sampler, seed=seed, randomize_seed=randomize_seed, preview=preview,
-                preview_every=preview_every,
-            )
+        async def generate(prompt, request: gr.Request, **settings):
+            record = book.start((request.session_hash, "generate"))
+            async for frame in stream_to_page(generator, record, prompt, None, **settings):
+                yield frame
 
         @on_gpu
-        def edit(image, instruction, negative_prompt, positive_prompt, size, num_images, cfg, cfg_img, steps,
-                 shift, schedule, sampler, seed, randomize_seed, preview, preview_every):
+        async def edit(image, prompt, request: gr.Request, **settings):
+            record = book.start((request.session_hash, "edit"))
             if editor is None:
                 raise gr.Error(NO_EDIT_MODEL)
             if image is None:
                 raise gr.Error("Add an input image first (upload, paste or take a photo).")
-            yield from stream_to_page(
-                editor, edit_defaults, instruction, image, negative_prompt=negative_prompt,
-                positive_prompt=positive_prompt, size=size, num_images=num_images, cfg=cfg, cfg_img=cfg_img,
-                steps=steps, shift=shift, schedule=schedule, sampler=sampler, seed=seed,
-                randomize_seed=randomize_seed, preview=preview, preview_every=preview_every,
-            )
+            async for frame in stream_to_page(editor, record, prompt, image, **settings):
+                yield frame
 
         generation = gr.on(
-            [generate_button.click, prompt.submit], generate, [prompt, *generate_controls.inputs()],
-            generate_results.outputs(generate_controls.seed), api_name="generate", concurrency_id=MODEL_QUEUE,
-            concurrency_limit=MAX_BATCH, show_progress="minimal", show_progress_on=[generate_results.status],
+            [generate_button.click, prompt.submit], generate, [],
+            generate_results.outputs(generate_seed), inputs_kwargs=dict(prompt=prompt, **generate_controls.inputs()),
+            api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=MAX_BATCH, show_progress="minimal",
+            show_progress_on=[generate_results.status],
         )
         editing = gr.on(
-            [edit_button.click, instruction.submit], edit, [input_image, instruction, *edit_controls.inputs()],
-            edit_results.outputs(edit_controls.seed), api_name="edit", concurrency_id=MODEL_QUEUE,
-            concurrency_limit=MAX_BATCH, show_progress="minimal", show_progress_on=[edit_results.status],
+            [edit_button.click, instruction.submit], edit, [], edit_results.outputs(edit_seed),
+            inputs_kwargs=dict(image=input_image, prompt=instruction, **edit_controls.inputs()),
+            api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=MAX_BATCH, show_progress="minimal",
+            show_progress_on=[edit_results.status],
         )
-        for stop, event, results in ((generate_stop, generation, generate_results),
-                                     (edit_stop, editing, edit_results)):
-            stop.click(lambda: "Stopped.", None, results.status, cancels=[event], queue=False,
-                       api_visibility="private")
+        for tab, stop, event, results in (("generate", generate_stop, generation, generate_results),
+                                          ("edit", edit_stop, editing, edit_results)):
+            stop.click(None, None, None, cancels=[event], queue=False, api_visibility="private")
+            event.then(after_run(book, tab), None, results.status, queue=False, api_visibility="private")
 
         send_to_edit.click(lambda gallery, index: (picked_image(gallery, index), gr.Tabs(selected="edit")),
                            [generate_results.gallery, generate_results.selected], [input_image, tabs],
@@ -404,12 +460,13 @@ def build_demo(services: Services) -> gr.Blocks:
         use_as_input.click(picked_image, [edit_results.gallery, edit_results.selected], input_image,
                            api_visibility="private")
         # A new input image picks the output size nearest to its aspect ratio, near the default area.
-        edit_area = default_size(edit_sizes, edit_defaults.get("hw")).area
+        edit_area = edit_context.defaults["size"].area
+
         def size_for_input(path):
             size = input_size(path)
-            return closest_size(*size, edit_sizes, edit_area).value if size else gr.skip()
+            return closest_size(*size, edit_context.sizes, edit_area).value if size else gr.skip()
 
-        input_image.change(size_for_input, input_image, edit_controls.size, api_visibility="private")
+        input_image.change(size_for_input, input_image, edit_controls.settings["size"], api_visibility="private")
     demo.queue(max_size=MAX_QUEUE)
     return demo
 
@@ -456,9 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = args.threads or (1 if pick_device(args.device) == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(pick_device(args.device), args.threads)
     try:
         services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype)
     except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:

@@ -1,8 +1,11 @@
 """NextStep-1 in process: load the official checkpoints, sample image tokens, stream previews."""
 
 from .config import NextStepConfig
+from .engine import GenerationResult, StreamEvent
 from .hub import ModelNotFoundError
-from .pipeline import GenerationRequest, GenerationResult, NextStepPipeline, StreamEvent
+from .pipeline import NextStepPipeline
+from .settings import GenerationRequest
+from .sizes import Size
 from .weights import CheckpointMismatchError
 
 __all__ = [
@@ -12,5 +15,6 @@ __all__ = [
     "ModelNotFoundError",
     "NextStepConfig",
     "NextStepPipeline",
+    "Size",
     "StreamEvent",
 ]

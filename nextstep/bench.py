@@ -2,8 +2,8 @@
 
 Generates with a model directory (``--model``) or a named random configuration (``--config``:
 speed does not depend on the weights' values) and reports seconds per image, milliseconds per
-image token split into backbone step / flow-head sampling / preview decoding, the final VAE
-decode, time to first preview, preview overhead (previews on versus off, same run) and peak
+image token split into the token step (backbone and flow head; the backbone's share timed
+apart) and preview decoding, the final VAE decode, time to first preview, preview overhead (previews on versus off, same run) and peak
 memory. ``--compare-baseline`` also times a plain loop (KV cache grown per token, the flow head
 evaluated from scratch at every step, tokens gathered in a list) and reports the speedup.
 """
@@ -11,29 +11,29 @@ evaluated from scratch at every step, tokens gathered in a list) and reports the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import resource
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from . import decoding
 from .backbone import attention_mask
 from .config import NextStepConfig
+from .devices import DTYPES, pick_dtype, set_threads
+from .engine import Hooks, Run
 from .model import NextStepModel
-from .pipeline import GenerationRequest, NextStepPipeline
+from .pipeline import NextStepPipeline
 from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
 from .sampling import sample_token
-from .serving import DTYPES, page_defaults, pick_dtype
-from .train.vocab import build_tokenizer
+from .settings import GenerationRequest, add_setting_flags, given_settings
 from .vae import AutoencoderKL, VAEConfig
+from .vocab import build_tokenizer
 
-SETTINGS_FROM_DEFAULTS = ("num_sampling_steps", "cfg", "timesteps_shift", "cfg_schedule", "use_norm", "sampler")
 PROMPT = "a large red circle in the top left corner of a blue background, high quality"
 NEGATIVE = "blurry, low quality"
 _BACKBONE_BASE = dict(
@@ -85,46 +85,68 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PhaseTimer:
-    """Adds up wall time per phase; synchronises the GPU around each timed call."""
+class PhaseTimer(Hooks):
+    """The engine's hooks, adding up wall time per phase; synchronises the GPU around each phase."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds = defaultdict(float)
 
-    def wrap(self, phase: str, function):
-        def timed(*args, **kwargs):
-            _synchronize(self.device)
-            start = time.perf_counter()
-            out = function(*args, **kwargs)
+    @contextmanager
+    def timed(self, phase: str):
+        _synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
             _synchronize(self.device)
             self.seconds[phase] += time.perf_counter() - start
-            return out
-
-        return timed
 
 
-@contextlib.contextmanager
-def phase_timing(pipe: NextStepPipeline):
-    """Time the phases of generations run inside the block (adds synchronisation: use only for the split)."""
-    timer = PhaseTimer(pipe.device)
-    model = pipe.model
-    patched = [
-        (decoding, "sample_token", decoding.sample_token, "head"),
-        (model, "forward_backbone", model.forward_backbone, "backbone"),
-        (pipe, "preview", pipe.preview, "preview"),
-        (pipe, "finish", pipe.finish, "final_decode"),
-    ]
-    for owner, attribute, function, phase in patched:
-        setattr(owner, attribute, timer.wrap(phase, function))
-    try:
-        yield timer
-    finally:
-        for owner, attribute, function, _ in patched:
-            if owner is decoding:
-                setattr(owner, attribute, function)
-            else:
-                delattr(owner, attribute)  # back to the class's method
+def timed_phases(pipe: NextStepPipeline, settings: dict, preview: str, preview_every: int) -> PhaseTimer:
+    """One generation through the engine with a ``PhaseTimer`` (its synchronisation makes it for the split only)."""
+    engine, timer = pipe.engine, PhaseTimer(pipe.device)
+    run = Run(engine.request(PROMPT, **settings), None, _Discard(), preview, preview_every)
+    run.job = engine.prepare(run.request)
+    for _ in engine.decode([run], timer):
+        pass
+    engine.finish(run, timer)
+    return timer
+
+
+class _Discard:
+    """A sink that keeps nothing: the split needs only the timer."""
+
+    def should_stop(self) -> bool:
+        return False
+
+    def wants_progress(self) -> bool:
+        return False
+
+    def progress(self, event) -> None:
+        pass
+
+    def dropped(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def backbone_step_seconds(pipe: NextStepPipeline, rows: int, context: int, repeat: int = 20) -> float:
+    """Seconds of one backbone decode step for ``rows`` rows after ``context`` cached slots, timed
+    apart from the token loop (the loop's step runs backbone and flow head together)."""
+    model, device = pipe.model, pipe.device
+    cache = model.new_cache(rows, context + 1)
+    cache.key_valid[:, :context] = True
+    embed = torch.zeros(rows, 1, model.config.hidden_size, device=device, dtype=model.dtype)
+    slot = torch.tensor([context], device=device)
+    valid = torch.ones(rows, 1, dtype=torch.bool, device=device)
+    model.forward_backbone(embed, slot, valid, cache)  # warm-up
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        model.forward_backbone(embed, slot, valid, cache)
+    _synchronize(device)
+    return (time.perf_counter() - start) / repeat
 
 
 def timed_generation(pipe: NextStepPipeline, settings: dict, preview: str, preview_every: int) -> dict:
@@ -166,10 +188,9 @@ class GrowingKVCache:
 
 @torch.inference_mode()
 def plain_generate(pipe: NextStepPipeline, request: GenerationRequest) -> torch.Tensor:
-    """The baseline token loop: same prompt rows and noise as the pipeline, none of its speedups.
-    Returns the tokens (images, N, token_dim)."""
-    pipe.validate(request)
-    job, _ = pipe.prepare(request)
+    """The baseline token loop: same prompt rows and noise as the pipeline (for a complete
+    request, ``Engine.request``), none of its speedups. Returns the tokens (images, N, token_dim)."""
+    job = pipe.engine.prepare(request)
     model = pipe.model
     cache = GrowingKVCache(model.config.num_hidden_layers)
     embeds = model.embed(job.input_ids.to(pipe.device), job.image_latents)
@@ -180,7 +201,7 @@ def plain_generate(pipe: NextStepPipeline, request: GenerationRequest) -> torch.
     tokens = []
     grid = job.time_grid
     for k in range(job.total):
-        cond = model.condition(hidden, k if pipe.uses_position_table else None)
+        cond = model.condition(hidden, k if pipe.engine.uses_position_table else None)
 
         def velocity_at(x, i, cond=cond):
             return model.image_head(x.to(model.dtype), grid[i].expand(cond.shape[0]), cond).float()
@@ -209,45 +230,40 @@ def run(args) -> dict:
         pipe = random_pipeline(args.config, args.device, dtype)
     if args.compile:
         pipe.compile()
-    height, width = (int(v) for v in args.hw.lower().split("x"))
-    # The settings a page would start from (the model's stored ones where it has them), then the flags.
-    defaults = page_defaults(pipe, edit=False)
-    settings = {name: defaults[name] for name in SETTINGS_FROM_DEFAULTS if name in defaults}
-    chosen = dict(num_sampling_steps=args.steps, cfg=args.cfg, sampler=args.sampler)
-    settings.update({name: value for name, value in chosen.items() if value is not None})
-    settings.update(hw=(height, width), negative_prompt=NEGATIVE, seed=0)
-    tokens = (height // pipe.down_factor) * (width // pipe.down_factor)
+    # The model's defaults (as the page and the CLI start from), then the flags.
+    settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
+    request = pipe.engine.request(PROMPT, **settings)  # the complete request, to report
+    size, tokens = request.size, pipe.engine.grid(request)[0] * pipe.engine.grid(request)[1]
 
     # Warm-up, with previews: the first fast preview fits its latent-to-RGB map once per VAE.
-    timed_generation(pipe, dict(settings, hw=(pipe.down_factor * 2,) * 2), args.preview, 1)
+    timed_generation(pipe, dict(settings, size=(pipe.engine.down_factor * 2,) * 2), args.preview, 1)
     # Best of --repeat, previews off and on taken in turn, so that a busy moment of the machine
     # does not land on one side of the comparison only.
     runs = [(timed_generation(pipe, settings, "none", args.preview_every),
              timed_generation(pipe, settings, args.preview, args.preview_every)) for _ in range(args.repeat)]
     plain = min((off for off, _ in runs), key=lambda timing: timing["seconds"])
     with_previews = min((on for _, on in runs), key=lambda timing: timing["seconds"])
-    with phase_timing(pipe) as timer:
-        timed_generation(pipe, settings, args.preview, args.preview_every)
-    split = timer.seconds
+    split = timed_phases(pipe, settings, args.preview, args.preview_every).seconds
+    prompt_rows = pipe.engine.prepare(request).input_ids  # (branches * images, prompt length)
+    backbone = backbone_step_seconds(pipe, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2)
     report = dict(
-        model=pipe.name, device=str(pipe.device), dtype=args.dtype, hw=[height, width], tokens=tokens,
-        steps=settings["num_sampling_steps"], cfg=settings["cfg"], sampler=plain["result"].parameters["sampler"],
+        model=pipe.name, device=str(pipe.device), dtype=args.dtype, size=size.value, tokens=tokens,
+        num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, sampler=request.sampler,
         preview=args.preview,
         preview_every=args.preview_every, threads=torch.get_num_threads(), compiled=args.compile,
         seconds_per_image=plain["seconds"],
         seconds_per_image_with_previews=with_previews["seconds"],
         ms_per_token=1000 * plain["seconds"] / tokens,
         ms_per_token_split=dict(
-            backbone=1000 * split["backbone"] / tokens,
-            flow_head=1000 * split["head"] / tokens,
+            token_step=1000 * split["step"] / tokens,
+            backbone_alone=1000 * backbone,
             preview=1000 * split["preview"] / tokens,
         ),
-        final_decode_ms=1000 * split["final_decode"],
+        final_decode_ms=1000 * split["finish"],
         first_preview_seconds=with_previews["first_preview"],
         preview_overhead=with_previews["seconds"] / plain["seconds"],
     )
     if args.compare_baseline:
-        request = GenerationRequest(prompt=PROMPT, **settings)
         baseline_seconds = math.inf
         for _ in range(args.repeat):
             _synchronize(pipe.device)
@@ -256,7 +272,7 @@ def run(args) -> dict:
             _synchronize(pipe.device)
             baseline_seconds = min(baseline_seconds, time.perf_counter() - start)
         # The plain loop stops at the tokens; the final decode is the same work in both.
-        report["baseline_seconds_per_image"] = baseline_seconds + split["final_decode"]
+        report["baseline_seconds_per_image"] = baseline_seconds + split["finish"]
         report["speedup_over_baseline"] = report["baseline_seconds_per_image"] / plain["seconds"]
         report["baseline_max_token_difference"] = (baseline_tokens - plain["result"].tokens).abs().max().item()
     report["peak_memory_mb"] = peak_memory_mb(pipe.device)
@@ -269,12 +285,12 @@ def format_table(report: dict) -> str:
     lines = [
         f"model               {report['model']}  ({report['device']}, {report['dtype']}, {report['threads']} threads"
         f"{', compiled' if report['compiled'] else ''})",
-        f"image               {report['hw'][0]}x{report['hw'][1]}, {report['tokens']} tokens, "
-        f"{report['steps']} steps, cfg {report['cfg']}, sampler {report['sampler']}",
+        f"image               {report['size']}, {report['tokens']} tokens, "
+        f"{report['num_sampling_steps']} steps, cfg {report['cfg']}, sampler {report['sampler']}",
         f"seconds per image   {report['seconds_per_image']:.3f}  (previews off)",
         f"ms per token        {report['ms_per_token']:.2f}",
-        f"  backbone step     {split['backbone']:.2f}",
-        f"  flow-head sample  {split['flow_head']:.2f}",
+        f"  token step        {split['token_step']:.2f}  (backbone alone, timed apart: "
+        f"{split['backbone_alone']:.2f})",
         f"  preview decode    {split['preview']:.2f}  ({report['preview']} every {report['preview_every']} tokens)",
         f"final VAE decode    {report['final_decode_ms']:.1f} ms",
         f"first preview       {'-' if first is None else f'{first:.3f} s'}",
@@ -297,23 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="model directory or Hub id")
     source.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="random weights of this shape")
     parser.add_argument("--vae", help="VAE directory or Hub id (with --model)")
-    parser.add_argument("--hw", default="128x128", help="HEIGHTxWIDTH in pixels")
-    parser.add_argument("--steps", type=int, help="flow-head sampling steps per token (default: the model's)")
-    parser.add_argument("--cfg", type=float, help="text guidance (default: the model's)")
-    parser.add_argument("--sampler", default=None, help="v1, sde, cps or ode (default: the model family's)")
+    add_setting_flags(parser)
     parser.add_argument("--preview", choices=["vae", "fast", "none"], default="fast")
     parser.add_argument("--preview-every", type=int, default=8)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on CPU)")
     parser.add_argument("--compile", action="store_true", help="compile the flow head (pipe.compile())")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
     parser.add_argument("--repeat", type=int, default=3, help="time each variant this many times, keep the best")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    if args.threads:
-        # Small models are bound by per-operation overhead: extra threads mostly add synchronisation.
-        torch.set_num_threads(args.threads)
+    set_threads(args.device, args.threads)
     report = run(args)
     print(json.dumps(report) if args.json else format_table(report))
     return 0

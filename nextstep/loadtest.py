@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="generations per client")
     parser.add_argument("--time-limit", type=float, default=600.0, help="stop sending after this many seconds")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the app's)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the app's)")
+    parser.add_argument("--num-sampling-steps", type=int, default=None, help="sampling steps (default: the app's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     settings = dict(preview="none")
     if args.size:
         settings["size"] = args.size
-    if args.steps:
-        settings["steps"] = args.steps
+    if args.num_sampling_steps:
+        settings["num_sampling_steps"] = args.num_sampling_steps
     report = run(args.url, args.clients, args.requests, args.time_limit, settings)
     if args.json:
         print(json.dumps(report))

@@ -1,4 +1,4 @@
-"""One model, many users: a worker thread that owns the pipeline and decodes compatible
+"""One model, many users: a worker thread that owns the engine and decodes compatible
 requests together.
 
 Requests wait in a bounded line. When the model is free the worker takes the oldest request and
@@ -20,6 +20,8 @@ that needed it: a batch that runs out is split and its requests retried one by o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import math
 import queue
@@ -33,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .pipeline import GenerationRequest, NextStepPipeline, StreamEvent
+from .engine import Engine, Run, StreamEvent, check_preview
+from .settings import GenerationRequest
 
 _POLL_SECONDS = 0.5  # how often a waiting reader checks that the worker is still alive
 _CANCELLED = object()  # ends a cancelled ticket's event stream
@@ -57,7 +60,10 @@ def _out_of_memory(error: BaseException) -> bool:
 
 @dataclass(eq=False)
 class Ticket:
-    """A submitted request: iterate it for its events; ``cancel()`` withdraws it."""
+    """A submitted request: iterate it (or ``async for`` it) for its events; ``cancel()`` withdraws it.
+
+    It is also the request's ``Sink`` in the token loop, which runs on the scheduler's thread.
+    """
 
     request: GenerationRequest
     preview: str
@@ -65,16 +71,30 @@ class Ticket:
     time_limit: float
     submitted: float = field(default_factory=time.monotonic)
     run_alone: bool = False  # after running out of memory in a batch
+    started: float | None = None  # when its batch began
     _events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Set once the request holds no part of the model: finished, failed, dropped or never run.
+    _left: threading.Event = field(default_factory=threading.Event, repr=False)
+    _wake: tuple | None = field(default=None, repr=False)  # (event loop, asyncio.Event) of an async reader
     _scheduler: Scheduler | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         self._cancelled.set()
+        if self._scheduler is not None:
+            self._scheduler._withdraw(self)
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def left(self) -> bool:
+        """Whether the request has let go of the model (see ``wait_left``)."""
+        return self._left.is_set()
+
+    def wait_left(self, timeout: float | None = None) -> bool:
+        return self._left.wait(timeout)
 
     def __iter__(self) -> Iterator[StreamEvent]:
         """Events until the result (or until cancelled); raises GenerationFailed if the request fails."""
@@ -84,8 +104,7 @@ class Ticket:
             except queue.Empty:
                 if self.cancelled:
                     return
-                if self._scheduler is not None and not self._scheduler.alive:
-                    raise GenerationFailed("the generation service stopped; please try again") from None
+                self._check_alive()
                 continue
             if item is _CANCELLED:
                 return
@@ -95,15 +114,77 @@ class Ticket:
             if item.result is not None:
                 return
 
+    async def __aiter__(self):
+        """As ``__iter__``, for asyncio callers: waiting never blocks a thread, so a cancelled
+        reader (a page's Stop) lets go at once."""
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        self._wake = (loop, wake)
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                if self.cancelled:
+                    return
+                self._check_alive()
+                wake.clear()
+                if self._events.empty():  # nothing arrived since the look above
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), _POLL_SECONDS)
+                continue
+            if item is _CANCELLED:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.result is not None:
+                return
+
+    def _check_alive(self) -> None:
+        if self._scheduler is not None and not self._scheduler.alive:
+            raise GenerationFailed("the generation service stopped; please try again") from None
+
     def _put(self, item: StreamEvent | BaseException | object) -> None:
         self._events.put(item)
+        if self._wake is not None:
+            loop, wake = self._wake
+            with contextlib.suppress(RuntimeError):  # the reader's loop is gone
+                loop.call_soon_threadsafe(wake.set)
+
+    def _end(self, item: StreamEvent | BaseException | object) -> None:
+        """The last item: the request no longer holds the model."""
+        self._left.set()
+        self._put(item)
+
+    # ---- as the token loop's sink --------------------------------------------------------
+
+    @property
+    def expired(self) -> bool:
+        return self.started is not None and time.monotonic() - self.started > self.time_limit
+
+    def should_stop(self) -> bool:
+        return self.cancelled or self.expired
+
+    def wants_progress(self) -> bool:
+        # Progress alone is sent only when the reader has taken the last one: a reader woken for
+        # every token of every request would compete with the token loop.
+        return self._events.empty()
+
+    def progress(self, event: StreamEvent) -> None:
+        self._put(event)
+
+    def dropped(self) -> None:
+        if self.cancelled:
+            self._end(_CANCELLED)
+        else:
+            limit = f"{self.time_limit:g} s"
+            self._end(GenerationFailed(f"The generation took longer than the limit of {limit} and was stopped."))
 
 
 class Scheduler:
-    """Owns ``pipe`` on a worker thread; ``submit`` from any thread."""
+    """Owns an ``Engine`` on a worker thread; ``submit`` from any thread."""
 
     def __init__(
-        self, pipe: NextStepPipeline, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0,
+        self, engine: Engine, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0,
         gather_seconds: float = 0.25, regather_seconds: float = 1.0,
     ):
         """gather_seconds: how long a request may wait for company before its batch starts.
@@ -112,7 +193,7 @@ class Scheduler:
         request within a moment, one after another as their results arrive; starting with the
         first of them alone would make the rest wait a whole generation, and split one batch into
         two from then on."""
-        self.pipe = pipe
+        self.engine = engine
         self.gather_seconds = gather_seconds
         self.regather_seconds = regather_seconds
         # The latest batch: (number, images, when its results had all gone out; inf until then).
@@ -121,7 +202,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.time_limit = time_limit
         self._waiting: deque[Ticket] = deque()
-        self._running = 0
+        self._batch: list[Ticket] = []  # the latest batch taken from the line
         self._condition = threading.Condition()
         self._closed = False
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextstep-finish")
@@ -134,9 +215,9 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        """Requests waiting or running."""
+        """Requests waiting or still holding part of the model (``Ticket.left`` not yet)."""
         with self._condition:
-            return len(self._waiting) + self._running
+            return len(self._waiting) + sum(not ticket.left for ticket in self._batch)
 
     def submit(
         self,
@@ -148,10 +229,10 @@ class Scheduler:
         time_limit: float | None = None,
         **settings,
     ) -> Ticket:
-        """Validate (ValueError with a readable message) and queue a request (Busy when the line is full)."""
-        request = GenerationRequest(prompt=prompt, image=image, **settings)
-        self.pipe.validate(request)
-        preview_every = self.pipe.check_preview(preview, preview_every)
+        """Complete and validate (ValueError with a readable message) and queue a request (Busy
+        when the line is full). ``settings``: ``GenerationRequest`` fields, as ``Engine.request``."""
+        request = self.engine.request(prompt, image, **settings)
+        preview_every = check_preview(preview, preview_every)
         ticket = Ticket(request, preview, preview_every, time_limit or self.time_limit, _scheduler=self)
         with self._condition:
             if len(self._waiting) >= self.max_waiting:
@@ -167,6 +248,13 @@ class Scheduler:
         self._worker.join()
         self._finisher.shutdown(wait=True)
 
+    def _withdraw(self, ticket: Ticket) -> None:
+        """A cancelled ticket still in the line leaves it now (one in a batch leaves at the next token)."""
+        with self._condition:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                ticket._end(_CANCELLED)
+
     # ---- the worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
@@ -174,35 +262,27 @@ class Scheduler:
             batch = self._next_batch()
             if batch is None:
                 return
-            try:
-                self._run(batch)
-            finally:
-                with self._condition:
-                    self._running = 0
+            self._run(batch)
 
     def _next_batch(self) -> list[Ticket] | None:
-        """The oldest live request and the waiting ones that can share its token loop, gathered
+        """The oldest request and the waiting ones that can share its token loop, gathered
         until ``gather_seconds`` after the oldest arrived, or, right after a batch of more images,
         until as many are here or ``regather_seconds`` after its results went out (or the batch is full)."""
         with self._condition:
-            while True:
-                while self._waiting and self._waiting[0].cancelled:
-                    self._waiting.popleft()
-                if self._waiting:
-                    break
+            while not self._waiting:
                 if self._closed:
                     return None
                 self._condition.wait()
             first = self._waiting.popleft()
             batch, images = [first], first.request.num_images
             if not first.run_alone:
-                key = self.pipe.batch_key(first.request)
+                key = self.engine.batch_key(first.request)
                 gather_until = first.submitted + self.gather_seconds
                 while True:
                     for ticket in list(self._waiting):
                         fits = images + ticket.request.num_images <= self.max_batch
-                        same = not ticket.run_alone and self.pipe.batch_key(ticket.request) == key
-                        if fits and same and not ticket.cancelled:
+                        same = not ticket.run_alone and self.engine.batch_key(ticket.request) == key
+                        if fits and same:
                             self._waiting.remove(ticket)
                             batch.append(ticket)
                             images += ticket.request.num_images
@@ -212,64 +292,53 @@ class Scheduler:
                     if now >= until or images >= self.max_batch or self._closed:
                         break
                     self._condition.wait(None if until == math.inf else until - now)
-            self._running = len(batch)
+            self._batch = batch
             return batch
 
     def _run(self, batch: list[Ticket]) -> None:
-        jobs = {}
+        runs = []
         for ticket in batch:
+            if ticket.cancelled:  # withdrawn while its batch was gathered
+                ticket._end(_CANCELLED)
+                continue
             try:
-                jobs[ticket] = self.pipe.prepare(ticket.request)
+                runs.append(Run(ticket.request, self.engine.prepare(ticket.request), ticket, ticket.preview,
+                                ticket.preview_every))
             except Exception as error:  # noqa: BLE001 - every failure goes to its own request
                 self._fail(ticket, error)
-        if not jobs:
+        if not runs:
             return
         try:
-            self._decode(jobs)
+            self._decode(runs)
         except Exception as error:  # noqa: BLE001
             self._release_memory()
-            if _out_of_memory(error) and len(jobs) > 1:
-                self._retry_alone(list(jobs))
+            unfinished = [run.sink for run in runs if not run.sink.left]
+            if _out_of_memory(error) and len(unfinished) > 1:
+                self._retry_alone(unfinished)
             else:
-                for ticket in jobs:
+                for ticket in unfinished:
                     self._fail(ticket, error)
 
-    def _decode(self, jobs: dict) -> None:
+    def _decode(self, runs: list[Run]) -> None:
         started = time.monotonic()
-        decoder = self.pipe.decoder([job for job, _ in jobs.values()])
-        active = dict(jobs)
-        while active and not decoder.finished:
-            k = decoder.step()
-            for ticket, (job, _) in list(active.items()):
-                expired = time.monotonic() - started > ticket.time_limit
-                if ticket.cancelled or expired:
-                    decoder.drop(job)
-                    del active[ticket]
-                    if ticket.cancelled:
-                        ticket._put(_CANCELLED)
-                    else:
-                        limit = f"{ticket.time_limit:g} s"
-                        ticket._put(GenerationFailed(f"The generation took longer than the limit of {limit} and was stopped."))
-                elif k + 1 < job.total:
-                    due = ticket.preview != "none" and (k + 1) % ticket.preview_every == 0
-                    # Progress alone is sent only when the reader has taken the last one: a reader
-                    # woken for every token of every request would compete with this loop.
-                    if due or ticket._events.empty():
-                        preview = self.pipe.preview(job, ticket.preview) if due else None
-                        ticket._put(StreamEvent(k + 1, job.total, preview))
+        for run in runs:
+            run.sink.started = started
+        for _ in self.engine.decode(runs):
+            pass
+        decoded = [run for run in runs if run.decoded]
         with self._condition:
             number = self._last_batch[0] + 1
             # Only users who get a result come back for more.
-            self._last_batch = (number, sum(job.images for job, _ in active.values()), math.inf)
-        self._finisher.submit(self._finish, number, [(ticket, job, seed) for ticket, (job, seed) in active.items()])
+            self._last_batch = (number, sum(run.request.num_images for run in decoded), math.inf)
+        self._finisher.submit(self._finish, number, decoded)
 
-    def _finish(self, number: int, finished: list) -> None:
+    def _finish(self, number: int, decoded: list[Run]) -> None:
         """The finisher thread: decode each request's tokens into its result."""
-        for ticket, job, seed in finished:
+        for run in decoded:
             try:
-                ticket._put(StreamEvent(job.total, job.total, None, self.pipe.finish(job, ticket.request, seed)))
+                run.sink._end(self.engine.finish(run))
             except Exception as error:  # noqa: BLE001 - a failed decode fails its own request only
-                self._fail(ticket, error)
+                self._fail(run.sink, error)
         with self._condition:
             if self._last_batch[0] == number:
                 self._last_batch = (number, self._last_batch[1], time.monotonic())
@@ -288,14 +357,13 @@ class Scheduler:
             message = (
                 "The model ran out of memory for this request; try a smaller size or fewer images."
             )
-            ticket._put(GenerationFailed(message))
+            ticket._end(GenerationFailed(message))
         elif isinstance(error, ValueError):
-            ticket._put(error)
+            ticket._end(error)
         else:
-            ticket._put(GenerationFailed(f"The generation failed ({type(error).__name__}); please try again."))
+            ticket._end(GenerationFailed(f"The generation failed ({type(error).__name__}); please try again."))
 
     def _release_memory(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-

@@ -1,54 +1,26 @@
-"""Serving one loaded pipeline to the many users of a web page or API.
+"""The web layer's side of the package: one loaded pipeline streamed to the many users of a page.
 
-What a front end needs besides widgets: loading with device/dtype defaults, the sizes a model
-supports, one generation at a time on the shared model, progress throttled to a few frames per
-second with a status line, and generation parameters stored in the PNGs themselves.
+What a page needs besides widgets: progress frames throttled to a few a second with a status line,
+results whose PNGs carry their parameters, the model panel's facts, and the checked examples.
+Sizes, settings and PNG parameters themselves live in ``nextstep.sizes``, ``nextstep.settings``
+and ``nextstep.pnginfo``, shared with the CLI and the bench.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from .pipeline import GenerationResult, NextStepPipeline
+from .engine import GenerationResult
+from .pipeline import NextStepPipeline
+from .pnginfo import with_parameters
 from .scheduler import Scheduler, Ticket
-
-PARAMETERS_KEY = "parameters"  # PNG text chunk holding the generation parameters as JSON
-# The official editing examples' settings (NextStep-1-Large-Edit).
-OFFICIAL_EDIT = dict(negative_prompt="Copy original image.", cfg_img=2.0, timesteps_shift=3.2)
-MAX_UI_SEED = 2**32 - 1  # browsers hold numbers as doubles: keep seeds exact in a page
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PROMPT_RESERVE = 64  # positions kept free for the prompt when listing sizes
-
-# Aspect ratios offered (width, height) and the smallest area offered, as a fraction of the native one.
-ASPECTS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2))
-SIDES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-SMALLEST_AREA = 1 / 64
-
-
-# ---- loading ------------------------------------------------------------------------------
-
-
-def pick_device(name: str | None = None) -> str:
-    """The named device, else CUDA when available, else the CPU."""
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(name: str | None, device: str) -> torch.dtype:
-    """The named dtype, else bfloat16 on accelerators (half the memory) and float32 on the CPU."""
-    if not name:
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def describe(pipe: NextStepPipeline) -> dict[str, str]:
@@ -61,14 +33,6 @@ def describe(pipe: NextStepPipeline) -> dict[str, str]:
         "dtype": str(pipe.model.dtype).removeprefix("torch."),
         "parameters": human_count(count),
     }
-
-
-def page_defaults(pipe: NextStepPipeline, edit: bool) -> dict:
-    """Request settings a page starts from: the family's, plus the official editing ones for
-    editing, overridden by the settings a model stores beside its weights (``text_to_image``
-    and ``edit`` sets in ``generation_config.json``, from our own training), when it has them."""
-    return {**pipe.default_settings(), "negative_prompt": "", **(OFFICIAL_EDIT if edit else {}),
-            **pipe.stored_settings(edit)}
 
 
 def load_examples(path: Path) -> dict[str, list[dict]]:
@@ -86,114 +50,6 @@ def human_count(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f}{unit}"
     return str(count)
-
-
-# ---- sizes --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Size:
-    width: int
-    height: int
-
-    @property
-    def value(self) -> str:
-        return f"{self.width}x{self.height}"
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return (self.height, self.width)
-
-    @property
-    def area(self) -> int:
-        return self.width * self.height
-
-    @property
-    def aspect(self) -> tuple[int, int]:
-        divisor = math.gcd(self.width, self.height)
-        return (self.width // divisor, self.height // divisor)
-
-    @property
-    def label(self) -> str:
-        return f"{self.width} × {self.height} ({self.aspect[0]}:{self.aspect[1]})"
-
-    @classmethod
-    def parse(cls, value: str) -> Size:
-        """``"WIDTHxHEIGHT"`` -> Size; ValueError for anything else."""
-        try:
-            width, height = (int(side) for side in str(value).lower().split("x"))
-        except ValueError:
-            raise ValueError(f"size must look like 256x256 (width x height), got {value!r}") from None
-        return cls(width, height)
-
-
-def supported_sizes(pipe: NextStepPipeline, input_images: int = 0) -> list[Size]:
-    """Sizes this model can sample, largest first: sides that are whole tokens, an area up to the
-    one it was trained at, and room in its position table for the output plus ``input_images``
-    inlined input images (editing inlines one at the output size)."""
-    config, step = pipe.config, pipe.down_factor
-    native_latent = getattr(config, "latent_size", None) or config.gen_pos_embed_grid * config.latent_patch_size
-    native_area = (native_latent * pipe.vae.config.downsample_factor) ** 2
-    position_budget = (config.max_position_embeddings - PROMPT_RESERVE) // (1 + input_images)
-    table_budget = config.gen_pos_embed_grid**2 if config.use_gen_pos_embed else math.inf
-    sizes = []
-    for size in (Size(width, height) for width in SIDES for height in SIDES):
-        if size.aspect not in ASPECTS or size.width % step or size.height % step:
-            continue
-        tokens = (size.width // step) * (size.height // step)
-        fits = tokens <= position_budget and tokens <= table_budget
-        if fits and native_area * SMALLEST_AREA <= size.area <= native_area:
-            sizes.append(size)
-    return sorted(sizes, key=lambda s: (-s.area, ASPECTS.index(s.aspect)))
-
-
-def default_size(sizes: list[Size], hw: list[int] | tuple[int, int] | None = None) -> Size:
-    """``hw`` (height, width) when offered, else the largest square (models are trained on
-    squares), else the largest size."""
-    if hw is not None and Size(hw[1], hw[0]) in sizes:
-        return Size(hw[1], hw[0])
-    return next((s for s in sizes if s.width == s.height), sizes[0])
-
-
-def closest_size(width: int, height: int, sizes: list[Size], area: int) -> Size:
-    """For an input image: the size with the aspect ratio nearest to width:height, and among
-    those the one with the area nearest to ``area`` (the resolution the page works at)."""
-
-    def distance(size: Size) -> tuple[float, float]:
-        aspect = abs(math.log(size.width / size.height * height / width))
-        return (round(aspect, 3), abs(math.log(size.area / area)))
-
-    return min(sizes, key=distance)
-
-
-# ---- seeds, PNG parameters, previews ------------------------------------------------------
-
-
-def draw_seed() -> int:
-    return secrets.randbelow(MAX_UI_SEED + 1)
-
-
-def with_parameters(image: Image.Image, parameters: dict) -> Image.Image:
-    """Attach parameters to an image; PNG writers (Gradio's included) store ``info`` text as tEXt chunks."""
-    image.info[PARAMETERS_KEY] = json.dumps(parameters, sort_keys=True)
-    return image
-
-
-def save_with_parameters(image: Image.Image, parameters: dict, path: str | Path) -> None:
-    """Write a PNG whose ``parameters`` text chunk holds the generation parameters (as the page's)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
-    image.save(path, format="PNG", pnginfo=info)
-
-
-def read_parameters(image: Image.Image | str | Path) -> dict | None:
-    """The parameters stored in a PNG by ``with_parameters``, or None."""
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            text = opened.info.get(PARAMETERS_KEY)
-    else:
-        text = image.info.get(PARAMETERS_KEY)
-    return json.loads(text) if text else None
 
 
 def tile(images: list[Image.Image]) -> Image.Image:
@@ -261,23 +117,24 @@ class SharedPipeline:
     ):
         self.pipe = pipe
         self.frame_interval = frame_interval
-        self.scheduler = Scheduler(pipe, max_batch=max_batch, max_waiting=max_waiting, time_limit=time_limit)
+        self.scheduler = Scheduler(pipe.engine, max_batch=max_batch, max_waiting=max_waiting, time_limit=time_limit)
 
     @property
     def busy(self) -> bool:
         return self.scheduler.load > 0
 
-    def stream(self, prompt: str, image=None, **settings) -> Iterator[Progress]:
-        """Validate and queue now (ValueError with a readable message; ``Busy`` when the line is
-        full), then yield frames; failures arrive as ``GenerationFailed``."""
-        return self._frames(self.scheduler.submit(prompt, image, **settings))
+    def submit(self, prompt: str, image=None, **settings) -> Ticket:
+        """Validate and queue now (ValueError with a readable message; ``Busy`` when the line is full)."""
+        return self.scheduler.submit(prompt, image, **settings)
 
-    def _frames(self, ticket: Ticket) -> Iterator[Progress]:
+    async def frames(self, ticket: Ticket) -> AsyncIterator[Progress]:
+        """The ticket's frames; failures arrive as ``GenerationFailed``. Closing the iterator (or
+        cancelling its task) withdraws the request."""
         try:
             start = None
             last_frame = -math.inf
             pending = None
-            for event in ticket:
+            async for event in ticket:
                 now = time.monotonic()
                 start = start if start is not None else now  # the first token: the model is at work
                 pending = event.preview or pending
@@ -289,4 +146,4 @@ class SharedPipeline:
                     yield Progress(event.done, event.total, now - start, preview=pending)
                     last_frame, pending = now, None
         finally:
-            ticket.cancel()  # a no-op once finished; otherwise leaves its batch at the next token
+            ticket.cancel()  # a no-op once finished; otherwise leaves its line or batch

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nextstep import NextStepPipeline
+from nextstep.devices import set_threads
 from nextstep.prompts import guidance_branches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def api_kwargs(args: dict) -> dict:
     return dict(
         negative_prompt=args["negative_prompt"],
         positive_prompt=args["positive_prompt"],
-        hw=tuple(args["hw"]),
+        size=(args["hw"][1], args["hw"][0]),
         num_images=args["num_images_per_caption"],
         cfg=args["cfg"],
         cfg_img=args["cfg_img"],
@@ -47,10 +48,10 @@ def case_prompt_batch(pipe, args: dict, image):
     grid = (args["hw"][0] // 16, args["hw"][1] // 16)
     has_image = image is not None
     branches = guidance_branches(args["cfg"], args["cfg_img"], has_image)
-    rows = pipe.prompts.rows(
+    rows = pipe.engine.prompts.rows(
         args["captions"], args["negative_prompt"], args["positive_prompt"], 1, branches, grid if has_image else None
     )
-    return pipe.prompts.encode(rows, grid)
+    return pipe.engine.prompts.encode(rows, grid)
 
 
 def images_as_array(images) -> torch.Tensor:
@@ -64,6 +65,12 @@ def tiny_with_stored_settings(directory: Path, stored: dict) -> NextStepPipeline
     shutil.copytree(TINY / "model", model)
     (model / "generation_config.json").write_text(json.dumps(stored))
     return NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_thread_policy():
+    """The tests run on the thread policy the app and the CLI run on the CPU."""
+    set_threads("cpu")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -18,23 +19,18 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from nextstep.serving import (
-    SharedPipeline,
-    Size,
-    closest_size,
-    load_examples,
-    page_defaults,
-    read_parameters,
-    supported_sizes,
-)
+from nextstep.pnginfo import read_parameters
+from nextstep.serving import SharedPipeline, load_examples
+from nextstep.sizes import Size, closest_size
 
 from .conftest import ROOT, TINY, tiny_with_stored_settings
 
 INPUT_IMAGE = TINY / "input_edit.png"
 # 128x64 is 8x4 = 32 tokens on the tiny model: quick, non-square, and long enough for many previews.
 GENERATE = dict(
-    prompt="a red circle", negative_prompt="", positive_prompt="", size="128x64", num_images=1, cfg=3.0, steps=4,
-    shift=1.0, schedule="constant", seed=7, randomize_seed=False, preview="vae", preview_every=2,
+    prompt="a red circle", negative_prompt="", positive_prompt="", size="128x64", num_images=1, cfg=3.0,
+    num_sampling_steps=4, timesteps_shift=1.0, cfg_schedule="constant", seed=7, randomize_seed=False, preview="vae",
+    preview_every=2,
 )
 
 
@@ -104,7 +100,7 @@ def test_generate_streams_previews_then_a_png_with_its_parameters(client):
     assert image.format == "PNG" and image.size == (128, 64)
     stored = read_parameters(final)
     assert stored["prompt"] == "a red circle" and stored["seed"] == 7
-    assert stored["hw"] == [64, 128] and stored["num_sampling_steps"] == 4 and stored["cfg"] == 3.0
+    assert stored["size"] == "128x64" and stored["num_sampling_steps"] == 4 and stored["cfg"] == 3.0
     _, _, status, shown, seed = outputs
     assert shown == stored, "the page shows the parameters the PNG carries"
     assert seed == 7 and status.startswith("Done") and "tokens/s" in status
@@ -146,7 +142,7 @@ def test_several_images_per_request(client):
 
 @pytest.mark.slow
 def test_edit_streams_previews_then_a_png_with_its_parameters(client):
-    inputs = dict(image=handle_file(str(INPUT_IMAGE)), instruction="Make it blue.", size="64x64", steps=4,
+    inputs = dict(image=handle_file(str(INPUT_IMAGE)), prompt="Make it blue.", size="64x64", num_sampling_steps=4,
                   seed=3, randomize_seed=False, preview_every=2)
     previews, outputs = run(client, "/edit", **inputs)
     assert len({pixels(path).tobytes() for path in previews}) >= 3
@@ -164,7 +160,7 @@ def test_edit_streams_previews_then_a_png_with_its_parameters(client):
 @pytest.mark.slow
 def test_edit_without_an_image_says_so(client):
     with pytest.raises(AppError, match="input image"):
-        client.predict(image=None, instruction="Make it blue.", api_name="/edit")
+        client.predict(image=None, prompt="Make it blue.", api_name="/edit")
 
 
 @pytest.mark.slow
@@ -192,7 +188,7 @@ def test_concurrent_requests_do_not_mix(served):
 
 def start_long_generation(client: Client):
     """A 256x256, 50-step generation (many seconds here), returned once it shows progress."""
-    job = client.submit(api_name="/generate", **dict(GENERATE, size="256x256", steps=50, preview="fast"))
+    job = client.submit(api_name="/generate", **dict(GENERATE, size="256x256", num_sampling_steps=50, preview="fast"))
     deadline = time.monotonic() + 60
     while not any(isinstance(o[2], str) and o[2].startswith("Tokens") for o in job.outputs()):
         assert time.monotonic() < deadline
@@ -233,7 +229,7 @@ def test_without_an_edit_model_the_edit_tab_explains():
     with launched(services) as url:
         page = Client(url, verbose=False)
         with pytest.raises(AppError, match="--edit-model"):
-            page.predict(image=handle_file(str(INPUT_IMAGE)), instruction="Make it blue.", api_name="/edit")
+            page.predict(image=handle_file(str(INPUT_IMAGE)), prompt="Make it blue.", api_name="/edit")
         assert "No edit-capable model" in str(page.config)
 
 
@@ -271,28 +267,29 @@ def test_unloadable_model_is_a_message_not_a_traceback():
 
 
 def test_sizes_come_from_the_model(tiny_pipe):
-    sizes = supported_sizes(tiny_pipe)
-    assert all(s.width % tiny_pipe.down_factor == 0 and s.height % tiny_pipe.down_factor == 0 for s in sizes)
+    engine = tiny_pipe.engine
+    sizes = engine.sizes(edit=False)
+    assert all(s.width % engine.down_factor == 0 and s.height % engine.down_factor == 0 for s in sizes)
     assert Size(128, 64) in sizes and Size(64, 128) in sizes and Size(256, 256) in sizes
     # Editing inlines the input image too, so it leaves room for fewer output tokens.
-    assert Size(256, 256) not in supported_sizes(tiny_pipe, input_images=1)
+    assert Size(256, 256) not in engine.sizes(edit=True)
     assert closest_size(640, 480, sizes, area=256 * 256) == Size(256, 192)
     assert closest_size(640, 480, sizes, area=128 * 128) == Size(128, 96)
     assert closest_size(300, 100, sizes, area=64 * 64) == Size(96, 48)
-    assert Size.parse("128x64").hw == (64, 128)
+    assert Size.parse("128x64") == Size(width=128, height=64) == Size.parse((128, 64))
 
 
-def test_page_defaults_follow_the_family_then_the_models_stored_settings(tiny_pipe, tmp_path):
-    family = tiny_pipe.default_settings()
-    assert page_defaults(tiny_pipe, edit=False)["num_sampling_steps"] == family["num_sampling_steps"]
-    edit = page_defaults(tiny_pipe, edit=True)
+def test_defaults_follow_the_family_then_the_official_edit_then_the_models_stored_settings(tiny_pipe, tmp_path):
+    assert tiny_pipe.defaults(edit=False)["num_sampling_steps"] == 50
+    assert tiny_pipe.defaults(edit=False)["size"] == Size(256, 256)  # the largest square it supports
+    edit = tiny_pipe.defaults(edit=True)
     assert (edit["negative_prompt"], edit["cfg_img"], edit["timesteps_shift"]) == ("Copy original image.", 2.0, 3.2)
     trained = tiny_with_stored_settings(tmp_path, {
-        "text_to_image": {"hw": [64, 64], "num_sampling_steps": 20, "use_norm": False}, "edit": {"cfg_img": 1.5}
+        "text_to_image": {"size": "64x64", "num_sampling_steps": 20, "use_norm": False}, "edit": {"cfg_img": 1.5}
     })
-    stored = page_defaults(trained, edit=False)
-    assert (stored["hw"], stored["num_sampling_steps"], stored["use_norm"]) == ([64, 64], 20, False)
-    assert page_defaults(trained, edit=True)["cfg_img"] == 1.5
+    stored = trained.defaults(edit=False)
+    assert (stored["size"], stored["num_sampling_steps"], stored["use_norm"]) == (Size(64, 64), 20, False)
+    assert trained.defaults(edit=True)["cfg_img"] == 1.5
 
 
 def test_examples_file(tmp_path):
@@ -306,29 +303,38 @@ def test_examples_file(tmp_path):
     assert examples["edit"][0]["image"] == str(tmp_path / "input.png")
 
 
+async def collect(frames, count: int | None = None) -> list:
+    """The first ``count`` frames (all when None); stopping early closes the stream."""
+    taken = []
+    async for frame in frames:
+        taken.append(frame)
+        if len(taken) == count:
+            break
+    await frames.aclose()
+    return taken
+
+
 def test_frames_are_throttled_and_the_result_always_arrives(tiny_pipe):
     shared = SharedPipeline(tiny_pipe, frame_interval=60.0)
-    frames = list(shared.stream("a red circle", hw=(64, 64), num_sampling_steps=2, preview_every=1, seed=1))
+    ticket = shared.submit("a red circle", size=(64, 64), num_sampling_steps=2, preview_every=1, seed=1)
+    frames = asyncio.run(collect(shared.frames(ticket)))
     assert len(frames) == 2 and frames[0].done == 1 and frames[-1].result is not None
     assert read_parameters(frames[-1].result.images[0])["seed"] == 1
 
 
 def test_closing_a_stream_frees_the_model(tiny_pipe):
     shared = SharedPipeline(tiny_pipe, frame_interval=0.0)
-    frames = shared.stream("a red circle", hw=(64, 64), num_sampling_steps=2, seed=1)
-    next(frames)
+    ticket = shared.submit("a red circle", size=(64, 64), num_sampling_steps=2, seed=1)
     assert shared.busy
-    frames.close()  # the request leaves at the next token
-    deadline = time.monotonic() + 1.0
-    while shared.busy and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not shared.busy
+    asyncio.run(collect(shared.frames(ticket), count=1))  # then closed: the request leaves at the next token
+    assert ticket.wait_left(30)
+    assert not shared.busy and ticket.cancelled
 
 
 def test_invalid_settings_fail_before_taking_the_model(tiny_pipe):
     shared = SharedPipeline(tiny_pipe)
     with pytest.raises(ValueError, match="multiples of 16"):
-        shared.stream("a red circle", hw=(60, 64))
+        shared.submit("a red circle", size=(64, 60))
     assert not shared.busy
 
 

@@ -6,25 +6,24 @@ import pytest
 import torch
 
 from nextstep import bench
-from nextstep.pipeline import GenerationRequest
 
 from .conftest import TINY, load_case
 
 
 def test_bench_json_on_tiny(capsys):
-    code = bench.main(["--config", "tiny", "--hw", "32x32", "--steps", "3", "--compare-baseline", "--json"])
+    code = bench.main(["--config", "tiny", "--size", "32x32", "--num-sampling-steps", "3", "--compare-baseline", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     for field in ("seconds_per_image", "ms_per_token", "first_preview_seconds", "preview_overhead", "peak_memory_mb"):
         assert field in report
     assert report["tokens"] == 4
-    assert set(report["ms_per_token_split"]) == {"backbone", "flow_head", "preview"}
+    assert set(report["ms_per_token_split"]) == {"token_step", "backbone_alone", "preview"}
     assert report["baseline_max_token_difference"] <= 1e-4
     assert report["speedup_over_baseline"] > 0
 
 
 def test_bench_table(capsys):
-    bench.main(["--config", "tiny", "--hw", "32x32", "--steps", "2", "--preview", "vae", "--preview-every", "1"])
+    bench.main(["--config", "tiny", "--size", "32x32", "--num-sampling-steps", "2", "--preview", "vae", "--preview-every", "1"])
     table = capsys.readouterr().out
     assert "seconds per image" in table and "preview overhead" in table
 
@@ -33,18 +32,18 @@ def test_bench_table(capsys):
 def test_plain_loop_gives_the_pipeline_tokens(tiny_pipe, case):
     args, _, image = load_case(TINY, case)
     settings = dict(
-        negative_prompt=args["negative_prompt"], hw=tuple(args["hw"]), cfg=args["cfg"], cfg_img=args["cfg_img"],
+        negative_prompt=args["negative_prompt"], size=(args["hw"][1], args["hw"][0]), cfg=args["cfg"], cfg_img=args["cfg_img"],
         timesteps_shift=args["timesteps_shift"], num_sampling_steps=args["num_sampling_steps"], seed=args["seed"],
     )
     fast = tiny_pipe.generate(args["captions"], image, **settings)
-    plain = bench.plain_generate(tiny_pipe, GenerationRequest(prompt=args["captions"], image=image, **settings))
+    plain = bench.plain_generate(tiny_pipe, tiny_pipe.engine.request(args["captions"], image, **settings))
     torch.testing.assert_close(plain, fast.tokens, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
 def test_compiled_head_gives_the_same_tokens():
     pipe = bench.random_pipeline("tiny", "cpu", torch.float32)
-    settings = dict(prompt=bench.PROMPT, hw=(32, 32), num_sampling_steps=3, cfg=3.0, seed=4)
+    settings = dict(prompt=bench.PROMPT, size=(32, 32), num_sampling_steps=3, cfg=3.0, seed=4)
     eager = pipe.generate(**settings)
     pipe.compile()
     compiled = pipe.generate(**settings)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,21 +123,61 @@ def test_edit_an_uploaded_image(page, tmp_path):
     )
 
 
-def test_stop_ends_a_generation(page, tmp_path):
-    # The largest size at the most steps, so that the generation is still running when Stop lands
-    # (at the default 50 steps, a fast machine finishes it in about 1.5 s).
-    choose_size(page, "generate", "256 × 256 (1:1)")
-    set_slider(page, "generate-steps", 100)
+def held_until_stopped(engine, monkeypatch) -> threading.Event:
+    """Make the engine's token loop wait after each token until its text-to-image requests are
+    cancelled, so that a generation is certain to be running when Stop lands, whatever the
+    machine's speed (edits run as usual). Returns an event set once a held loop is running."""
+    running = threading.Event()
+    decode = engine.decode
+
+    def held(runs, *hooks):
+        for done in decode(runs, *hooks):
+            yield done
+            running.set()
+            for run in runs:
+                while not run.request.edit and not run.sink.cancelled:
+                    run.sink._cancelled.wait(60)
+                    assert run.sink.cancelled, "Stop never reached the request"
+
+    monkeypatch.setattr(engine, "decode", held)
+    return running
+
+
+@pytest.fixture
+def held_page(browser, monkeypatch):
+    """A page on its own server, whose Generate tab's token loop waits for Stop."""
+    services = tiny_services(frame_interval=0.0)
+    running = held_until_stopped(services.generator.pipe.engine, monkeypatch)
+    with launched(services) as address:
+        page = open_page(browser, address)
+        yield page, services, running
+        page.close()
+
+
+def test_stop_ends_a_generation(held_page, tmp_path):
+    page, services, running = held_page
+    choose_size(page, "generate", "64 × 64 (1:1)")
     page.fill("#generate-prompt textarea", "a blue square")
     page.click("#generate-run")
-    page.wait_for_selector("#generate-preview img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#generate-status').innerText.startsWith('Tokens')",
+                           timeout=60_000)
+    assert running.is_set() and services.generator.busy
     page.click("#generate-stop")
-    page.wait_for_function("document.querySelector('#generate-status').innerText.includes('Stopped')",
-                           timeout=10_000)
-    time.sleep(1)  # a frame already on its way may still land
-    stopped = page.locator("#generate-preview img").get_attribute("src")
-    time.sleep(2)
+    # The terminal state: written once the cancelled request has left the model.
+    page.wait_for_function("document.querySelector('#generate-status').innerText.trim() === 'Stopped.'",
+                           timeout=30_000)
+    assert not services.generator.busy, "the model is free when Stopped shows"
     page.screenshot(path=tmp_path / "stopped.png")
-    assert page.locator("#generate-preview img").get_attribute("src") == stopped, "previews kept coming"
+    # A run of the other tab goes through the same connection after anything the stopped one
+    # sent: once it is done, a late frame of the stopped run would have landed already.
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-image input[type=file]", str(TINY / "input_edit.png"))
+    page.wait_for_selector("#edit-image img", timeout=30_000)
+    choose_size(page, "edit", "64 × 64 (1:1)")
+    set_slider(page, "edit-steps", 2)
+    page.fill("#edit-instruction textarea", "Make the circle blue.")
+    page.click("#edit-run")
+    wait_for_result(page, "edit")
+    page.get_by_role("tab", name="Generate").click()
+    assert page.locator("#generate-status").inner_text().strip() == "Stopped."
     assert page.locator("#generate-gallery img").count() == 0, "a result arrived after Stop"
-    # "Stopped" was shown above; a status frame already in flight may still replace it.

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from nextstep.__main__ import main
-from nextstep.serving import read_parameters
+from nextstep.pnginfo import read_parameters
 
 from .conftest import TINY
 
@@ -21,7 +21,7 @@ def keep_thread_count():
 def test_generate_writes_pngs_with_their_parameters(tmp_path, capsys):
     out = tmp_path / "fox.png"
     code = main(["a red circle", "--model", str(TINY / "model"), "--vae", str(TINY / "vae"), "--size", "64x32",
-                 "--steps", "2", "--seed", "5", "--num-images", "2", "--out", str(out)])
+                 "--num-sampling-steps", "2", "--seed", "5", "--num-images", "2", "--out", str(out)])
     assert code == 0
     paths = [tmp_path / "fox-1.png", tmp_path / "fox-2.png"]
     assert capsys.readouterr().out.split() == [str(p) for p in paths]
@@ -33,7 +33,7 @@ def test_generate_writes_pngs_with_their_parameters(tmp_path, capsys):
 def test_edit_takes_the_official_edit_defaults(tmp_path):
     out = tmp_path / "edit.png"
     code = main(["make the square green", "--model", str(TINY / "model"), "--vae", str(TINY / "vae"),
-                 "--image", str(TINY / "input_edit.png"), "--size", "64x64", "--steps", "2", "--out", str(out)])
+                 "--image", str(TINY / "input_edit.png"), "--size", "64x64", "--num-sampling-steps", "2", "--out", str(out)])
     assert code == 0
     stored = read_parameters(out)
     assert stored["edit"] and stored["cfg_img"] == 2.0 and stored["negative_prompt"] == "Copy original image."

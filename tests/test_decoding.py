@@ -1,74 +1,81 @@
-"""Several requests decoded in one token loop give what each gives alone."""
+"""Several requests decoded in one token loop (the engine's one driver) give what each gives alone."""
 
 import pytest
 import torch
 
 from nextstep.decoding import BatchDecoder
-from nextstep.pipeline import GenerationRequest
+from nextstep.engine import Run
 
 TOKEN_TOL = 1e-4  # the parity tolerance: batch size changes CPU kernels' rounding, not results
+COMMON = dict(size=(64, 64), num_sampling_steps=4)
+SETTINGS = [
+    dict(prompt="a red circle", negative_prompt="blurry", cfg=3.0, seed=1),
+    dict(prompt="two blue squares on the left of a big green triangle", negative_prompt="", cfg=5.0,
+         cfg_schedule="linear", seed=2, num_images=2),
+    dict(prompt="green", negative_prompt="bad", cfg=3.0, seed=3),
+]
 
 
-def requests():
-    return [
-        GenerationRequest(prompt="a red circle", negative_prompt="blurry", hw=(64, 64), cfg=3.0, num_sampling_steps=4, seed=1),
-        GenerationRequest(
-            prompt="two blue squares on the left of a big green triangle", negative_prompt="", hw=(64, 64),
-            cfg=5.0, cfg_schedule="linear", num_sampling_steps=4, seed=2, num_images=2,
-        ),
-        GenerationRequest(prompt="green", negative_prompt="bad", hw=(64, 64), cfg=3.0, num_sampling_steps=4, seed=3),
-    ]
+class Sink:
+    """Records what the token loop reports; asks to leave after ``stop_after`` tokens."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after = stop_after
+        self.events = []
+        self.was_dropped = False
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.events) >= self.stop_after
+
+    def wants_progress(self) -> bool:
+        return True
+
+    def progress(self, event) -> None:
+        self.events.append(event)
+
+    def dropped(self) -> None:
+        self.was_dropped = True
 
 
-def decode(pipe, jobs, drop_after=None):
-    decoder = pipe.decoder(jobs)
-    while not decoder.finished:
-        k = decoder.step()
-        if drop_after is not None and k == drop_after[0]:
-            decoder.drop(drop_after[1])
-
-
-def alone_tokens(pipe):
+def runs(engine, sinks=None):
+    sinks = sinks or [Sink() for _ in SETTINGS]
     out = []
-    for request in requests():
-        pipe.validate(request)
-        job, _ = pipe.prepare(request)
-        decode(pipe, [job])
-        out.append(job.tokens)
+    for settings, sink in zip(SETTINGS, sinks):
+        request = engine.request(**settings, **COMMON)
+        out.append(Run(request, engine.prepare(request), sink))
     return out
 
 
-def batch_jobs(pipe):
-    jobs = []
-    for request in requests():
-        pipe.validate(request)
-        jobs.append(pipe.prepare(request)[0])
-    return jobs
+def decode(engine, batch):
+    for _ in engine.decode(batch):
+        pass
+    return [run.job.tokens for run in batch]
 
 
 def test_batched_equals_alone(tiny_pipe):
-    alone = alone_tokens(tiny_pipe)
-    jobs = batch_jobs(tiny_pipe)
-    decode(tiny_pipe, jobs)
-    for job, expected in zip(jobs, alone):
-        assert (job.tokens - expected).abs().max() <= TOKEN_TOL
+    engine = tiny_pipe.engine
+    alone = [decode(engine, [run])[0] for run in runs(engine)]
+    together = decode(engine, runs(engine))
+    for mine, expected in zip(together, alone):
+        assert (mine - expected).abs().max() <= TOKEN_TOL
 
 
-def test_dropping_one_job_leaves_the_others_intact(tiny_pipe):
-    alone = alone_tokens(tiny_pipe)
-    jobs = batch_jobs(tiny_pipe)
-    decode(tiny_pipe, jobs, drop_after=(5, jobs[1]))
+def test_dropping_one_run_leaves_the_others_intact(tiny_pipe):
+    engine = tiny_pipe.engine
+    alone = [decode(engine, [run])[0] for run in runs(engine)]
+    batch = runs(engine, [Sink(), Sink(stop_after=6), Sink()])
+    decode(engine, batch)
     for index in (0, 2):
-        assert (jobs[index].tokens - alone[index]).abs().max() <= TOKEN_TOL
-    assert torch.all(jobs[1].tokens[:, 7:] == 0)  # the dropped job stopped early
+        assert (batch[index].job.tokens - alone[index]).abs().max() <= TOKEN_TOL
+        assert batch[index].decoded and not batch[index].sink.was_dropped
+    dropped = batch[1]
+    assert dropped.sink.was_dropped and not dropped.decoded
+    assert torch.all(dropped.job.tokens[:, 7:] == 0)  # it stopped early
 
 
 def test_jobs_with_different_settings_are_refused_together(tiny_pipe):
-    first, second = requests()[0], requests()[2]
-    second.num_sampling_steps = 5
-    jobs = []
-    for request in (first, second):
-        tiny_pipe.validate(request)
-        jobs.append(tiny_pipe.prepare(request)[0])
+    engine = tiny_pipe.engine
+    first = engine.prepare(engine.request(**SETTINGS[0], **COMMON))
+    second = engine.prepare(engine.request(**SETTINGS[2], **dict(COMMON, num_sampling_steps=5)))
     with pytest.raises(ValueError, match="share"):
-        BatchDecoder(tiny_pipe.model, jobs, position_table=False)
+        BatchDecoder(tiny_pipe.model, [first, second], position_table=False)

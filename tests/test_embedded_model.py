@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nextstep import NextStepPipeline
+from nextstep import NextStepPipeline, Size
 from nextstep.train.sampling_defaults import read_defaults
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -17,11 +17,7 @@ EXAMPLES = ASSETS / "examples"
 
 @pytest.fixture(scope="module")
 def shipped():
-    # Per-token work of a model this small runs fastest on one thread (two fight over a busy CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield NextStepPipeline.from_pretrained(MODEL), read_defaults(MODEL)
-    torch.set_num_threads(threads)
+    return NextStepPipeline.from_pretrained(MODEL), read_defaults(MODEL)
 
 
 def test_assets_fit_the_size_budget():
@@ -34,14 +30,16 @@ def test_assets_fit_the_size_budget():
 def test_text_to_image_with_stored_settings(shipped):
     pipe, settings = shipped
     image = pipe.generate("a large red circle in the center on a white background", seed=0, **settings["text_to_image"]).images[0]
-    assert image.size == tuple(settings["text_to_image"]["hw"])
+    size = Size.parse(settings["text_to_image"]["size"])
+    assert image.size == (size.width, size.height)
 
 
 def test_settings_not_given_come_from_the_model(shipped):
     pipe, settings = shipped
     stored = settings["text_to_image"]
     result = pipe.generate("a small blue square on the left on a yellow background", seed=0)
-    assert result.images[0].size == tuple(stored["hw"])  # not GenerationRequest's 256x256
+    size = Size.parse(stored["size"])
+    assert result.images[0].size == (size.width, size.height)  # not the largest size the model supports
     assert result.parameters["cfg"] == stored["cfg"]
     assert result.parameters["num_sampling_steps"] == stored["num_sampling_steps"]
     given = pipe.generate("a small blue square on the left", seed=0, num_sampling_steps=2)

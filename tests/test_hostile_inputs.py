@@ -17,8 +17,8 @@ from .test_app import GENERATE, final_images, launched, tiny_services
 
 pytestmark = pytest.mark.slow
 
-EDIT = dict(instruction="Make it blue.", size="64x64", steps=2, seed=3, randomize_seed=False, preview="none")
-QUICK = dict(GENERATE, size="64x64", steps=2, preview="none")
+EDIT = dict(prompt="Make it blue.", size="64x64", num_sampling_steps=2, seed=3, randomize_seed=False, preview="none")
+QUICK = dict(GENERATE, size="64x64", num_sampling_steps=2, preview="none")
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +113,11 @@ BAD_SETTINGS = [
     (dict(prompt=None), "Enter a prompt"),
     (dict(cfg="lots"), "must be a number"),
     (dict(cfg=0.2), "less than minimum"),
-    (dict(steps=1e9), "greater than maximum"),
+    (dict(num_sampling_steps=1e9), "greater than maximum"),
     (dict(num_images="two"), "must be a number"),
     (dict(seed="abc"), "must be a number"),
     (dict(size="99999x99999"), "not in the list of choices"),
-    (dict(schedule="cosine"), "not in the list of choices"),
+    (dict(cfg_schedule="cosine"), "not in the list of choices"),
     (dict(preview_every=0), "less than minimum"),
 ]
 
@@ -135,7 +135,7 @@ def test_control_characters_leave_the_prompt(client):
 
 
 def test_numbers_sent_as_text_are_read(client):
-    outputs = client.predict(**dict(QUICK, cfg="2.5", steps="2", seed="11"), api_name="/generate")
+    outputs = client.predict(**dict(QUICK, cfg="2.5", num_sampling_steps="2", seed="11"), api_name="/generate")
     assert outputs[3]["cfg"] == 2.5 and outputs[3]["seed"] == 11
 
 
@@ -149,7 +149,7 @@ def test_a_full_line_is_told_to_come_back_and_the_server_goes_on(tiny_pipe):
 
     shared = SharedPipeline(tiny_pipe, frame_interval=0.0, max_batch=1, max_waiting=1)
     with launched(app.Services(shared, shared)) as url:
-        slow = dict(QUICK, size="128x64", steps=40)
+        slow = dict(QUICK, size="128x64", num_sampling_steps=40)
         jobs = [Client(url, verbose=False).submit(**dict(slow, seed=seed), api_name="/generate") for seed in (1, 2, 3)]
         outcomes = []
         for job in jobs:

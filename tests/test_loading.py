@@ -15,7 +15,7 @@ from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeli
 
 from .conftest import ROOT, TINY
 
-KWARGS = dict(negative_prompt="blurry", hw=(32, 32), cfg=2.0, num_sampling_steps=3, seed=9)
+KWARGS = dict(negative_prompt="blurry", size=(32, 32), cfg=2.0, num_sampling_steps=3, seed=9)
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_hub_ids_resolve_from_an_offline_cache(tmp_path):
         """
         from nextstep import NextStepPipeline, ModelNotFoundError
         pipe = NextStepPipeline.from_pretrained("example/tiny-nextstep", vae="example/tiny-vae")
-        print(pipe.generate("a red circle", hw=(32, 32), num_sampling_steps=2, seed=1).images[0].size)
+        print(pipe.generate("a red circle", size=(32, 32), num_sampling_steps=2, seed=1).images[0].size)
         try:
             NextStepPipeline.from_pretrained("example/not-cached", vae="example/tiny-vae")
         except ModelNotFoundError as error:

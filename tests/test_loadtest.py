@@ -12,7 +12,7 @@ from .test_app import launched, tiny_services
 @pytest.mark.slow
 def test_loadtest_reports_throughput_and_latency(capsys):
     with launched(tiny_services()) as url:
-        code = loadtest.main(["--url", url, "--clients", "2", "--requests", "2", "--size", "32x32", "--steps", "2", "--json"])
+        code = loadtest.main(["--url", url, "--clients", "2", "--requests", "2", "--size", "32x32", "--num-sampling-steps", "2", "--json"])
     report = json.loads(capsys.readouterr().out.splitlines()[0])  # the server adds its closing line
     assert code == 0
     assert report["failed"] == 0 and report["requests"] == 4 and report["images"] == 4

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nextstep.pipeline import prepare_image
+from nextstep import Size
+from nextstep.engine import prepare_image
 from nextstep.sampling import sample_token, time_grid_v1
 from nextstep.vae import ResnetBlock
 
@@ -86,7 +87,7 @@ def test_prompt_ids(tiny_pipe, case):
 
 def test_edit_input_pixels(tiny_pipe):
     args, ref, image = load_case(TINY, "edit")
-    pixels = prepare_image(image, tuple(args["hw"]))
+    pixels = prepare_image(image, Size(args["hw"][1], args["hw"][0]))
     assert torch.equal(pixels[0], ref["edit_pixel_values"][0])
 
 
@@ -101,7 +102,7 @@ def test_full_generation(tiny_pipe, case):
 
 def test_several_images_per_prompt(tiny_pipe, components):
     """pipeline_batch: two captions, two images each; our API takes one prompt per call."""
-    kwargs = dict(negative_prompt="blurry", hw=(32, 32), num_images=2, cfg=1.0, num_sampling_steps=4, seed=5)
+    kwargs = dict(negative_prompt="blurry", size=(32, 32), num_images=2, cfg=1.0, num_sampling_steps=4, seed=5)
     for i, caption in enumerate(["a red circle", "two blue squares on the left"]):
         result = tiny_pipe.generate(caption, **kwargs)
         rows = slice(2 * i, 2 * i + 2)

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from nextstep import ModelNotFoundError, NextStepPipeline
 from nextstep.families import FAMILIES
-from nextstep.pipeline import prepare_image
+from nextstep import Size
+from nextstep.engine import prepare_image
 from nextstep.prompts import PromptBuilder, load_tokenizer
 from nextstep.sampling import guidance_schedule, guide, noise_draws, sample_token, step_to, time_grid
 
@@ -20,8 +21,11 @@ COMPONENT_TOL = 1e-5
 TOKEN_TOL = 1e-4
 LATENT_INPUT_TOL = 1e-3
 CASES = ["t2i_sde", "t2i_ode", "t2i_cps", "t2i_usenorm", "edit"]
-SETTINGS_KEYS = {"num_sampling_steps", "cfg", "cfg_img", "timesteps_shift", "cfg_schedule", "use_norm", "sampler"}
-SMALL = dict(negative_prompt="blurry", hw=(32, 32), cfg=3.0, num_sampling_steps=3, seed=4)
+FAMILY_DEFAULTS = dict(  # NextStep-1.1's reference settings
+    num_sampling_steps=30, cfg=7.5, cfg_img=1.0, timesteps_shift=1.0, cfg_schedule="constant", use_norm=False,
+    sampler="sde",
+)
+SMALL = dict(negative_prompt="blurry", size=(32, 32), cfg=3.0, num_sampling_steps=3, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +47,25 @@ def test_family_is_detected_from_the_checkpoint(tiny_pipe, tiny11_pipe):
 
 
 def test_default_settings_follow_the_family(tiny_pipe, tiny11_pipe):
-    assert set(tiny_pipe.default_settings()) == SETTINGS_KEYS
-    assert set(tiny11_pipe.default_settings()) == SETTINGS_KEYS
-    assert tiny_pipe.default_settings()["sampler"] == "v1" and tiny_pipe.default_settings()["use_norm"] is True
-    assert tiny11_pipe.default_settings() == dict(
-        num_sampling_steps=30, cfg=7.5, cfg_img=1.0, timesteps_shift=1.0,
-        cfg_schedule="constant", use_norm=False, sampler="sde",
-    )
-    tiny11_pipe.default_settings()["sampler"] = "changed"  # a copy: callers cannot alter the family
-    assert tiny11_pipe.default_settings()["sampler"] == "sde"
-    # The settings are generate() keywords as they are.
-    assert tiny11_pipe.generate("a red circle", hw=(32, 32), **tiny11_pipe.default_settings()).images
+    family_keys = set(FAMILY_DEFAULTS)
+    assert tiny_pipe.defaults()["sampler"] == "v1" and tiny_pipe.defaults()["use_norm"] is True
+    assert {k: v for k, v in tiny11_pipe.defaults().items() if k in family_keys} == FAMILY_DEFAULTS
+    tiny11_pipe.defaults()["sampler"] = "changed"  # a copy: callers cannot alter the family
+    assert tiny11_pipe.defaults()["sampler"] == "sde"
+    # What generate() does when given nothing is what the defaults say.
+    given_nothing = tiny11_pipe.generate("a red circle", size=(32, 32), seed=1)
+    assert torch.equal(given_nothing.tokens, tiny11_pipe.generate(
+        "a red circle", **dict(tiny11_pipe.defaults(), size=(32, 32), seed=1)).tokens)
+    assert given_nothing.parameters["num_sampling_steps"] == 30 and given_nothing.parameters["use_norm"] is False
 
 
 def test_family_override():
     as_11 = NextStepPipeline.from_pretrained(TINY / "model", vae=TINY / "vae", family="nextstep-1.1")
     assert as_11.family == "nextstep-1.1"
-    assert as_11.default_settings()["sampler"] == "sde"
+    assert as_11.defaults()["sampler"] == "sde"
     assert as_11.generate("a red circle", **SMALL).parameters["sampler"] == "sde"
     as_1 = NextStepPipeline.from_pretrained(TINY11 / "model", family="nextstep-1")
-    assert as_1.family == "nextstep-1" and as_1.default_settings()["sampler"] == "v1"
+    assert as_1.family == "nextstep-1" and as_1.defaults()["sampler"] == "v1"
 
 
 def test_sampler_none_means_the_family_default(tiny_pipe, tiny11_pipe):
@@ -236,7 +239,7 @@ def test_vae_encode_decode(tiny11_pipe, components, prefix, overrides):
 
 def test_edit_input_latents(tiny11_pipe):
     args, ref, image = load_case(TINY11, "edit")
-    pixels = prepare_image(image, tuple(args["hw"]))
+    pixels = prepare_image(image, Size(args["hw"][1], args["hw"][0]))
     assert torch.equal(pixels[0], ref["edit_pixel_values"][0])
     with torch.no_grad():
         mean, std = tiny11_pipe.vae.posterior(ref["edit_pixel_values"].clone())

@@ -17,31 +17,47 @@ REQUESTS = [
     dict(prompt="two blue squares on the left of a big green triangle", negative_prompt="", seed=2, cfg=5.0),
     dict(prompt="green", negative_prompt="bad", seed=3, cfg=3.0, num_images=2),
 ]
-COMMON = dict(hw=(64, 64), num_sampling_steps=4)
+COMMON = dict(size=(64, 64), num_sampling_steps=4)
 
 
 @pytest.fixture
 def scheduler(tiny_pipe):
-    service = Scheduler(tiny_pipe, max_batch=8, max_waiting=8)
+    service = Scheduler(tiny_pipe.engine, max_batch=8, max_waiting=8)
     yield service
     service.close()
 
 
-def hold(scheduler):
+def hold(scheduler, monkeypatch):
     """Occupy the worker until the returned event is set, so that submissions queue up."""
     gate, entered = threading.Event(), threading.Event()
-    original = scheduler.pipe.prepare
+    engine = scheduler.engine
+    original = engine.prepare
 
-    def slow_prepare(request):
-        entered.set()
-        gate.wait(30)
+    def prepare(request):
+        if request.prompt == "hold":
+            entered.set()
+            gate.wait(30)
         return original(request)
 
-    scheduler.pipe.prepare = slow_prepare
+    monkeypatch.setattr(engine, "prepare", prepare)
     blocker = scheduler.submit("hold", preview="none", **dict(COMMON, num_sampling_steps=1), seed=0, cfg=1.0)
     entered.wait(30)
-    del scheduler.pipe.prepare  # later batches prepare normally
     return gate, blocker
+
+
+def batch_sizes(engine, monkeypatch) -> list[int]:
+    """Records the number of requests in each token loop the engine runs."""
+    seen = []
+    original = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda runs, *hooks: seen.append(len(runs)) or original(runs, *hooks))
+    return seen
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
 
 
 def results(tickets):
@@ -52,16 +68,13 @@ def results(tickets):
     return out
 
 
-def test_batched_requests_equal_their_results_alone(scheduler, tiny_pipe):
+def test_batched_requests_equal_their_results_alone(scheduler, tiny_pipe, monkeypatch):
     alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS]
-    gate, blocker = hold(scheduler)
+    gate, blocker = hold(scheduler, monkeypatch)
     tickets = [scheduler.submit(preview="fast", preview_every=4, **r, **COMMON) for r in REQUESTS]
-    seen = []
-    original_decoder = scheduler.pipe.decoder
-    scheduler.pipe.decoder = lambda jobs: seen.append(len(jobs)) or original_decoder(jobs)
+    seen = batch_sizes(scheduler.engine, monkeypatch)
     gate.set()
     batched = results([blocker, *tickets])[1:]
-    del scheduler.pipe.decoder
     assert 3 in seen  # the three waiting requests ran in one token loop
     for mine, reference in zip(batched, alone):
         assert (mine.tokens - reference.tokens).abs().max() <= TOKEN_TOL
@@ -69,29 +82,31 @@ def test_batched_requests_equal_their_results_alone(scheduler, tiny_pipe):
         assert mine.seed == reference.seed
 
 
-def test_users_coming_back_one_by_one_share_a_batch_again(tiny_pipe):
-    """After a batch of three, three requests arriving further apart than the gathering window
-    (as users do when their results reach them one after another) still run together."""
-    service = Scheduler(tiny_pipe, gather_seconds=0.1, regather_seconds=3.0)
-    seen = []
-    original_decoder = tiny_pipe.decoder
-    tiny_pipe.decoder = lambda jobs: seen.append(len(jobs)) or original_decoder(jobs)
+def test_users_coming_back_one_by_one_share_a_batch_again(tiny_pipe, monkeypatch):
+    """After a batch of three, three requests arriving one after another, each after the one
+    before has been taken up by the worker (as users do when their results reach them one after
+    another), still run together: the worker waits for as many as the last batch had."""
+    service = Scheduler(tiny_pipe.engine, gather_seconds=0.0, regather_seconds=60.0)
     try:
-        results([service.submit(preview="none", **r, **COMMON) for r in REQUESTS])
+        gate, blocker = hold(service, monkeypatch)
+        first = [service.submit(preview="none", **dict(r, num_images=1), **COMMON) for r in REQUESTS]
+        seen = batch_sizes(tiny_pipe.engine, monkeypatch)
+        gate.set()
+        results([blocker, *first])
         again = []
         for request in REQUESTS:
-            again.append(service.submit(preview="none", **request, **COMMON))
-            time.sleep(0.5)
+            again.append(service.submit(preview="none", **dict(request, num_images=1), **COMMON))
+            # Taken from the line: without waiting for company its batch would start now, alone.
+            wait_until(lambda: not service._waiting, "the worker takes the request")
         assert all(result is not None for result in results(again))
     finally:
-        del tiny_pipe.decoder
         service.close()
-    assert seen == [3, 3]
+    assert seen == [1, 3, 3]
 
 
-def test_cancel_one_of_three_mid_way(scheduler, tiny_pipe):
+def test_cancel_one_of_three_mid_way(scheduler, tiny_pipe, monkeypatch):
     alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS]
-    gate, blocker = hold(scheduler)
+    gate, blocker = hold(scheduler, monkeypatch)
     tickets = [scheduler.submit(preview="none", **r, **COMMON) for r in REQUESTS]
     gate.set()
     list(blocker)
@@ -105,10 +120,10 @@ def test_cancel_one_of_three_mid_way(scheduler, tiny_pipe):
     assert all(event.result is None for event in remaining)  # it never finished
 
 
-def test_full_line_says_busy_and_recovers(tiny_pipe):
-    scheduler = Scheduler(tiny_pipe, max_batch=1, max_waiting=1)
+def test_full_line_says_busy_and_recovers(tiny_pipe, monkeypatch):
+    scheduler = Scheduler(tiny_pipe.engine, max_batch=1, max_waiting=1)
     try:
-        gate, blocker = hold(scheduler)
+        gate, blocker = hold(scheduler, monkeypatch)
         waiting = scheduler.submit("a red circle", preview="none", **COMMON)
         with pytest.raises(Busy, match="busy"):
             scheduler.submit("a red circle", preview="none", **COMMON)
@@ -127,59 +142,52 @@ def test_time_limit_stops_a_request(scheduler):
     assert results([scheduler.submit("a red circle", preview="none", **COMMON)])[0] is not None
 
 
-def test_out_of_memory_fails_only_that_request(scheduler):
-    original = scheduler.pipe.prepare
+def test_out_of_memory_fails_only_that_request(scheduler, monkeypatch):
+    gate, blocker = hold(scheduler, monkeypatch)
+    held = scheduler.engine.prepare
 
     def prepare(request):
         if request.prompt == "huge":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-        return original(request)
+        return held(request)
 
-    scheduler.pipe.prepare = prepare
-    try:
-        gate, blocker = hold(scheduler)
-        scheduler.pipe.prepare = prepare
-        doomed = scheduler.submit("huge", preview="none", **COMMON)
-        fine = scheduler.submit("a red circle", preview="none", **COMMON)
-        gate.set()
-        with pytest.raises(GenerationFailed, match="out of memory"):
-            list(doomed)
-        assert results([blocker, fine])[1].images[0].size == (64, 64)
-    finally:
-        scheduler.pipe.__dict__.pop("prepare", None)
-
-
-def test_out_of_memory_in_a_batch_retries_each_alone(scheduler, tiny_pipe):
-    alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS[:2]]
-    gate, blocker = hold(scheduler)
-    tickets = [scheduler.submit(preview="none", **r, **COMMON) for r in REQUESTS[:2]]
-    original = scheduler.pipe.decoder
-
-    def decoder(jobs):
-        if len(jobs) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory.")
-        return original(jobs)
-
-    scheduler.pipe.decoder = decoder
+    monkeypatch.setattr(scheduler.engine, "prepare", prepare)
+    doomed = scheduler.submit("huge", preview="none", **COMMON)
+    fine = scheduler.submit("a red circle", preview="none", **COMMON)
     gate.set()
-    try:
-        finished = results([blocker, *tickets])[1:]
-    finally:
-        del scheduler.pipe.decoder
+    with pytest.raises(GenerationFailed, match="out of memory"):
+        list(doomed)
+    assert results([blocker, fine])[1].images[0].size == (64, 64)
+
+
+def test_out_of_memory_in_a_batch_retries_each_alone(scheduler, tiny_pipe, monkeypatch):
+    alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS[:2]]
+    gate, blocker = hold(scheduler, monkeypatch)
+    tickets = [scheduler.submit(preview="none", **r, **COMMON) for r in REQUESTS[:2]]
+    original = scheduler.engine.decode
+
+    def decode(runs, *hooks):
+        if len(runs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return original(runs, *hooks)
+
+    monkeypatch.setattr(scheduler.engine, "decode", decode)
+    gate.set()
+    finished = results([blocker, *tickets])[1:]
     for mine, reference in zip(finished, alone):
         assert (mine.tokens - reference.tokens).abs().max() <= TOKEN_TOL
 
 
 def test_bad_settings_fail_at_submission(scheduler):
     with pytest.raises(ValueError, match="multiples of 16"):
-        scheduler.submit("a red circle", hw=(50, 64))
+        scheduler.submit("a red circle", size=(64, 50))
     with pytest.raises(ValueError, match="preview"):
         scheduler.submit("a red circle", preview="sometimes", **COMMON)
 
 
-def test_waiting_reader_notices_a_dead_worker(tiny_pipe):
-    scheduler = Scheduler(tiny_pipe)
-    gate, blocker = hold(scheduler)
+def test_waiting_reader_notices_a_dead_worker(tiny_pipe, monkeypatch):
+    scheduler = Scheduler(tiny_pipe.engine)
+    gate, blocker = hold(scheduler, monkeypatch)
     waiting = scheduler.submit("a red circle", preview="none", **COMMON)
     worker, scheduler._worker = scheduler._worker, threading.Thread(target=lambda: None)  # a crashed worker
     started = time.monotonic()

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from nextstep.decoding import BatchDecoder
+
 from .conftest import TINY, images_as_array, load_case, tiny_with_stored_settings
 
-KWARGS = dict(negative_prompt="blurry", hw=(64, 64), cfg=3.0, num_sampling_steps=4, seed=3)
+KWARGS = dict(negative_prompt="blurry", size=(64, 64), cfg=3.0, num_sampling_steps=4, seed=3)
 
 
 @pytest.mark.parametrize("mode", ["vae", "fast", "none"])
@@ -51,7 +53,7 @@ def test_seed_none_draws_and_reports_a_seed(tiny_pipe):
 
 def test_edit_stream_matches_generate(tiny_pipe):
     args, _, image = load_case(TINY, "edit")
-    kwargs = dict(negative_prompt="Copy original image.", hw=(64, 64), cfg=7.5, cfg_img=2.0, seed=1, num_sampling_steps=3)
+    kwargs = dict(negative_prompt="Copy original image.", size=(64, 64), cfg=7.5, cfg_img=2.0, seed=1, num_sampling_steps=3)
     events = list(tiny_pipe.stream("make the square green", image, preview="fast", preview_every=5, **kwargs))
     reference = tiny_pipe.generate("<image>make the square green", image, **kwargs)
     assert torch.equal(events[-1].result.tokens, reference.tokens)
@@ -59,7 +61,7 @@ def test_edit_stream_matches_generate(tiny_pipe):
 
 def test_a_model_can_store_that_edit_prompts_take_the_image_after_the_instruction(tiny_pipe, tmp_path):
     _, _, image = load_case(TINY, "edit")
-    kwargs = dict(hw=(64, 64), cfg=3.0, cfg_img=2.0, seed=1, num_sampling_steps=2)
+    kwargs = dict(size=(64, 64), cfg=3.0, cfg_img=2.0, seed=1, num_sampling_steps=2)
     after = tiny_with_stored_settings(tmp_path, {"image_slot": "after"})
     tokens = {
         (pipe, prompt): pipe.generate(prompt, image, **kwargs).tokens
@@ -71,10 +73,13 @@ def test_a_model_can_store_that_edit_prompts_take_the_image_after_the_instructio
     assert torch.equal(tokens[after, "<image>make it green"], tokens[tiny_pipe, "<image>make it green"])
 
 
-def test_closing_the_stream_stops_sampling(tiny_pipe):
+def test_closing_the_stream_stops_sampling(tiny_pipe, monkeypatch):
+    steps = []
+    step = BatchDecoder.step
+    monkeypatch.setattr(BatchDecoder, "step", lambda decoder: steps.append(decoder) or step(decoder))
     stream = tiny_pipe.stream("a red circle", preview="none", **KWARGS)
-    first = next(stream)
+    first, second = next(stream), next(stream)
     stream.close()
-    assert first.done == 1
-    with pytest.raises(StopIteration):
-        next(stream)
+    assert (first.done, second.done) == (1, 2)
+    assert len(steps) == 2, "no token is sampled after the stream is closed"
+    assert list(stream) == []

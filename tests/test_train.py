@@ -15,7 +15,7 @@ from nextstep.train.model_training import (
 )
 from nextstep.train.sampling_defaults import coordinate_search, read_defaults, write_defaults
 from nextstep.train.vae_training import EDGE_WEIGHT, edge_mask, encode, reconstruction_loss, to_pixels, train_vae
-from nextstep.train.vocab import build_tokenizer
+from nextstep.vocab import build_tokenizer
 from nextstep.train.world import COLOURS, Obj, Scene, render, vocabulary
 from nextstep.vae import VAEConfig
 
@@ -160,11 +160,11 @@ def test_a_few_steps_lower_the_loss_and_the_checkpoint_generates(toy, tmp_path):
 
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(str(tmp_path))
-    write_defaults(tmp_path, {"hw": [32, 32], "num_sampling_steps": 3}, {"hw": [32, 32]}, "test")
+    write_defaults(tmp_path, {"size": "32x32", "num_sampling_steps": 3}, {"size": "32x32"}, "test")
     pipe = NextStepPipeline.from_pretrained(tmp_path)
     settings = read_defaults(tmp_path)["text_to_image"]
     assert pipe.generate("a red circle", seed=0, **settings).images[0].size == (32, 32)
-    wide = pipe.generate("a red circle", seed=0, **dict(settings, hw=(32, 64))).images[0]
+    wide = pipe.generate("a red circle", seed=0, **dict(settings, size=(64, 32))).images[0]
     assert wide.size == (64, 32)
     edit = pipe.generate("make the background blue", wide.crop((0, 0, 32, 32)), seed=0, **dict(settings, cfg_img=2.0))
     assert edit.images[0].size == (32, 32)

@@ -10,11 +10,14 @@ from nextstep import NextStepPipeline
 from .conftest import TINY, tiny_with_stored_settings
 
 BAD = [
-    (dict(hw=(40, 64)), "multiples of 16"),
-    (dict(hw=(0, 64)), "height must be at least"),
-    (dict(hw=(64,)), "hw must be"),
-    (dict(hw=(64.5, 64)), "whole number"),
-    (dict(hw=(4096, 4096)), "positions"),
+    (dict(size=(64, 40)), "multiples of 16"),
+    (dict(size="64x40"), "multiples of 16"),
+    (dict(size=(64, 0)), "height must be at least"),
+    (dict(size=(64,)), "size must be WIDTHxHEIGHT"),
+    (dict(size="64 by 64"), "size must be WIDTHxHEIGHT"),
+    (dict(size=(64, 64.5)), "size must be WIDTHxHEIGHT"),
+    (dict(size=(4096, 4096)), "positions"),
+    (dict(steps=4), "unknown setting steps"),
     (dict(cfg=0.5), "cfg"),
     (dict(cfg=math.nan), "finite"),
     (dict(cfg="high"), "must be a number"),
@@ -26,6 +29,7 @@ BAD = [
     (dict(sampler="euler"), "sampler"),
     (dict(sampler="SDE"), "sampler"),  # names are exact: the reference would silently run its ODE
     (dict(use_norm="yes"), "use_norm"),
+    (dict(use_norm=1), "use_norm"),
     (dict(seed=-1), "seed"),
     (dict(negative_prompt=3), "negative_prompt"),
 ]
@@ -44,12 +48,12 @@ def test_prompt_must_be_text(tiny_pipe):
 
 def test_image_slot_without_image(tiny_pipe):
     with pytest.raises(ValueError, match="no image was given"):
-        tiny_pipe.generate("<image>make it green", hw=(32, 32))
+        tiny_pipe.generate("<image>make it green", size=(32, 32))
 
 
 def test_two_image_slots(tiny_pipe):
     with pytest.raises(ValueError, match="at most one"):
-        tiny_pipe.generate("<image><image>make it green", Image.new("RGB", (32, 32)), hw=(32, 32))
+        tiny_pipe.generate("<image><image>make it green", Image.new("RGB", (32, 32)), size=(32, 32))
 
 
 def test_unknown_image_slot_place_fails_at_load(tmp_path):
@@ -59,20 +63,20 @@ def test_unknown_image_slot_place_fails_at_load(tmp_path):
 
 def test_image_not_a_picture(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="could not open"):
-        tiny_pipe.generate("make it green", str(tmp_path / "picture.png"), hw=(32, 32))
+        tiny_pipe.generate("make it green", str(tmp_path / "picture.png"), size=(32, 32))
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(ValueError, match="could not be read as an image"):
-        tiny_pipe.generate("make it green", str(tmp_path / "notes.png"), hw=(32, 32))
+        tiny_pipe.generate("make it green", str(tmp_path / "notes.png"), size=(32, 32))
 
 
 def test_numbers_given_as_text_are_read(tiny_pipe):
-    result = tiny_pipe.generate("a red circle", hw=("32", 32), cfg="2.5", num_sampling_steps="2", seed="7")
+    result = tiny_pipe.generate("a red circle", size=" 32x32 ", cfg="2.5", num_sampling_steps="2", seed="7")
     assert result.images[0].size == (32, 32) and result.seed == 7
 
 
 def test_control_characters_are_removed_from_prompts(tiny_pipe):
-    clean = tiny_pipe.generate("a red\x00 circle\x1b", hw=(32, 32), num_sampling_steps=2, seed=1)
-    plain = tiny_pipe.generate("a red circle", hw=(32, 32), num_sampling_steps=2, seed=1)
+    clean = tiny_pipe.generate("a red\x00 circle\x1b", size=(32, 32), num_sampling_steps=2, seed=1)
+    plain = tiny_pipe.generate("a red circle", size=(32, 32), num_sampling_steps=2, seed=1)
     assert clean.parameters["prompt"] == "a red circle"
     assert (clean.tokens == plain.tokens).all()
 
@@ -87,7 +91,7 @@ def test_bad_preview_settings(tiny_pipe):
 def test_any_image_mode_and_size_is_accepted(tiny_pipe):
     """Input images are converted to RGB and resized + center-cropped to the requested size."""
     for image in [Image.new("RGBA", (50, 90)), Image.new("L", (17, 17)), Image.new("P", (64, 32))]:
-        result = tiny_pipe.generate("make it green", image, hw=(32, 48), cfg=2.0, cfg_img=1.5, num_sampling_steps=2)
+        result = tiny_pipe.generate("make it green", image, size=(48, 32), cfg=2.0, cfg_img=1.5, num_sampling_steps=2)
         assert result.images[0].size == (48, 32)
 
 

@@ -24,7 +24,7 @@ from .model_training import build_pool, model_config, train_model
 from .examples import write_examples
 from .sampling_defaults import read_defaults, write_defaults
 from .vae_training import finetune_decoder, train_vae
-from .vocab import build_tokenizer
+from ..vocab import build_tokenizer
 from .world import vocabulary
 
 MODEL_DIR = "shapes-model"

@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+from ..sizes import Size
 from .evaluate import held_out_scenes, score_edit, score_scene
 from .world import EDIT_KINDS, Obj, Scene, caption, random_edit, render
 
@@ -28,7 +29,7 @@ def write_examples(pipe, settings: dict, directory: Path, prompts: int = 12, see
         image = pipe.generate(text, seed=seed, **settings["text_to_image"]).images[0]
         text_examples.append({"prompt": text, "seed": seed, "correct": score_scene(image, scene)["all"] == 1.0})
 
-    size = settings["edit"]["hw"][0]
+    size = Size.parse(settings["edit"]["size"]).height
     source_image = render(EDIT_INPUT, size)
     source_image.save(directory / "edit_input.png")
     edit_examples = []

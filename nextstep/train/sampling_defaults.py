@@ -1,7 +1,7 @@
 """The sampling settings stored with a trained model, in ``generation_config.json``.
 
 The file holds two sets of ``GenerationRequest`` keywords, ``text_to_image`` and ``edit``
-(``hw``, ``num_sampling_steps``, ``cfg``, ``cfg_img``, ``timesteps_shift``, ``cfg_schedule``,
+(``size``, ``num_sampling_steps``, ``cfg``, ``cfg_img``, ``timesteps_shift``, ``cfg_schedule``,
 ``use_norm``, ``sampler``, ``negative_prompt``), plus ``chosen_by``, how they were picked, and
 ``image_slot``, where edit prompts take the input image (as the model was trained).
 """
@@ -12,11 +12,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..pipeline import STORED_SETTINGS as FILE
+from ..settings import STORED_SETTINGS as FILE
 from .model_training import EDIT_IMAGE_SLOT
 
 BASE = dict(
-    hw=[128, 128],
+    size="128x128",
     num_sampling_steps=20,
     cfg=3.0,
     cfg_img=1.0,

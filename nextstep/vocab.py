@@ -1,4 +1,4 @@
-"""A word-level tokenizer for the shapes world, with NextStep's special tokens.
+"""A word-level tokenizer with NextStep's special tokens (the shapes world's, and the bench's random models').
 
 Lower-cases, splits on whitespace and punctuation and writes digits one by one, so the
 image-area text ``8*8`` reads as ``8``, ``*``, ``8``. Saved as standard tokenizer files that
@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ..prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_AREA, IMAGE_PLACEHOLDER
+from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_AREA, IMAGE_PLACEHOLDER
 
 UNK, PAD = "[UNK]", "[PAD]"
 # NextStep's own special tokens, in the official order; the last four are unused here but kept
