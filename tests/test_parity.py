@@ -1,4 +1,5 @@
-"""Numeric parity with the reference implementation's outputs in shared/fixtures/reference-tiny."""
+"""Numeric parity with the reference implementation's outputs in shared/fixtures/reference-tiny
+(and, for the parts both families share, reference-tiny-11)."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from nextstep.engine import prepare_image
 from nextstep.sampling import sample_token, time_grid_v1
 from nextstep.vae import ResnetBlock
 
-from .conftest import TINY, api_kwargs, case_prompt_batch, images_as_array, load_case
+from .conftest import TINY, TINY11, api_kwargs, case_prompt_batch, images_as_array, load_case
 
 COMPONENT_TOL = 1e-5
 TOKEN_TOL = 1e-4
@@ -20,21 +21,36 @@ def components():
     return {k: v.clone() for k, v in load_file(str(TINY / "components.safetensors")).items()}
 
 
+# Both families share the backbone and the flow head: one test each, over both fixtures.
+FAMILIES = {"nextstep-1": (TINY, "tiny_pipe"), "nextstep-1.1": (TINY11, "tiny11_pipe")}
+
+
+def family_case(request, family: str):
+    """(the family's pipeline, its fixture's component tensors)."""
+    directory, pipe = FAMILIES[family]
+    tensors = load_file(str(directory / "components.safetensors"))
+    return request.getfixturevalue(pipe), {k: v.clone() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ["backbone", "backbone_padded"])
-def test_backbone_hidden_states(tiny_pipe, components, name):
+def test_backbone_hidden_states(request, family, name):
+    pipe, components = family_case(request, family)
     embeds = components[f"{name}.inputs_embeds"]
     mask = components[f"{name}.attention_mask"].bool()
-    cache = tiny_pipe.model.new_cache(embeds.shape[0], embeds.shape[1])
+    cache = pipe.model.new_cache(embeds.shape[0], embeds.shape[1])
     with torch.no_grad():
-        hidden = tiny_pipe.model.forward_backbone(embeds, torch.arange(embeds.shape[1]), mask, cache)
+        hidden = pipe.model.forward_backbone(embeds, torch.arange(embeds.shape[1]), mask, cache)
     # Outputs at padding positions are undefined in the reference; compare real tokens only.
     diff = (hidden - components[f"{name}.last_hidden_state"])[mask].abs().max()
     assert diff <= COMPONENT_TOL
 
 
-def test_flow_head_velocity(tiny_pipe, components):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_head_velocity(request, family):
+    pipe, components = family_case(request, family)
     with torch.no_grad():
-        out = tiny_pipe.model.image_head(components["fm_net.x"], components["fm_net.t"], components["fm_net.c"])
+        out = pipe.model.image_head(components["fm_net.x"], components["fm_net.t"], components["fm_net.c"])
     assert (out - components["fm_net.out"]).abs().max() <= COMPONENT_TOL
 
 
