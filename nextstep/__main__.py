@@ -13,6 +13,7 @@ from .devices import DTYPES, pick_device, pick_dtype, set_threads
 from .hub import ModelNotFoundError
 from .pipeline import NextStepPipeline
 from .pnginfo import save_with_parameters
+from .quantize import QUANTIZATIONS
 from .settings import add_setting_flags, given_settings
 from .weights import CheckpointMismatchError
 
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_setting_flags(parser)
     parser.add_argument("--device")
     parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the backbone")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on CPU)")
     args = parser.parse_args(argv)
     if not args.model:
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     set_threads(device, args.threads)
     try:
-        pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=device, dtype=pick_dtype(args.dtype, device))
+        pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=device,
+                                                dtype=pick_dtype(args.dtype, device), quantize=args.quantize)
         start = time.monotonic()
         for event in pipe.stream(args.prompt, args.image, preview="none", **given_settings(args)):
             rate = event.done / max(time.monotonic() - start, 1e-9)

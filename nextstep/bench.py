@@ -21,21 +21,27 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .backbone import attention_mask
 from .config import NextStepConfig
 from .devices import DTYPES, pick_dtype, set_threads
 from .engine import Hooks, Run
+from .hub import CONFIG_FILES, resolve_directory
+from .memory import MemoryPlan, Workload, one_request, plan
 from .model import NextStepModel
 from .pipeline import NextStepPipeline
 from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
+from .quantize import QUANTIZATIONS
 from .sampling import sample_token
 from .settings import GenerationRequest, add_setting_flags, given_settings
+from .sizes import Size
 from .vae import AutoencoderKL, VAEConfig
 from .vocab import build_tokenizer
 
 PROMPT = "a large red circle in the top left corner of a blue background, high quality"
 NEGATIVE = "blurry, low quality"
+INSTRUCTION = "make the circle green"  # with --edit, of a synthetic picture (``edit_input``)
 _BACKBONE_BASE = dict(
     attention_bias=True, o_attention_bias=False, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=8192
 )
@@ -59,10 +65,10 @@ CONFIGS = {
 }
 
 
-def random_pipeline(name: str, device: str, dtype: torch.dtype) -> NextStepPipeline:
-    """A pipeline of the named shape with random weights and a small word-level tokenizer."""
+def random_config(name: str) -> tuple[NextStepConfig, VAEConfig, object]:
+    """The named shape's model and VAE configs, and a small word-level tokenizer for the bench's prompts."""
     backbone, vae_config = CONFIGS[name]
-    tokenizer = build_tokenizer(sorted(set(f"{PROMPT} {NEGATIVE}".replace(",", " ").split())))
+    tokenizer = build_tokenizer(sorted(set(f"{PROMPT} {NEGATIVE} {INSTRUCTION}".replace(",", " ").split())))
     config = NextStepConfig(
         **_BACKBONE_BASE,
         **dict(backbone, vocab_size=max(backbone.get("vocab_size", 0), len(tokenizer))),
@@ -71,7 +77,15 @@ def random_pipeline(name: str, device: str, dtype: torch.dtype) -> NextStepPipel
         image_placeholder_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         pad_token_id=tokenizer.pad_token_id,
     )
+    return config, vae_config, tokenizer
+
+
+def random_pipeline(name: str, device: str, dtype: torch.dtype, quantize: str | None = None) -> NextStepPipeline:
+    """A pipeline of the named shape with random weights and a small word-level tokenizer."""
+    config, vae_config, tokenizer = random_config(name)
     model = NextStepModel.with_random_weights(config, device, dtype)
+    if quantize:
+        model.quantize_weights(quantize)
     with torch.device("meta"):
         vae = AutoencoderKL(vae_config).to(dtype)
     vae.to_empty(device=device)
@@ -103,10 +117,11 @@ class PhaseTimer(Hooks):
             self.seconds[phase] += time.perf_counter() - start
 
 
-def timed_phases(pipe: NextStepPipeline, settings: dict, preview: str, preview_every: int) -> PhaseTimer:
-    """One generation through the engine with a ``PhaseTimer`` (its synchronisation makes it for the split only)."""
+def timed_phases(pipe: NextStepPipeline, work: tuple, settings: dict, preview: str, preview_every: int) -> PhaseTimer:
+    """One generation of ``work`` (prompt, input image or None) through the engine with a
+    ``PhaseTimer`` (its synchronisation makes it for the split only)."""
     engine, timer = pipe.engine, PhaseTimer(pipe.device)
-    run = Run(engine.request(PROMPT, **settings), None, _Discard(), preview, preview_every)
+    run = Run(engine.request(*work, **settings), None, _Discard(), preview, preview_every)
     run.job = engine.prepare(run.request)
     for _ in engine.decode([run], timer):
         pass
@@ -149,11 +164,17 @@ def backbone_step_seconds(pipe: NextStepPipeline, rows: int, context: int, repea
     return (time.perf_counter() - start) / repeat
 
 
-def timed_generation(pipe: NextStepPipeline, settings: dict, preview: str, preview_every: int) -> dict:
+def edit_input(size: Size) -> Image.Image:
+    """A smooth synthetic picture to edit (speed does not depend on what it shows)."""
+    ramp = Image.linear_gradient("L").resize((size.width, size.height))
+    return Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.transpose(Image.Transpose.FLIP_TOP_BOTTOM)))
+
+
+def timed_generation(pipe: NextStepPipeline, work: tuple, settings: dict, preview: str, preview_every: int) -> dict:
     _synchronize(pipe.device)
     start = time.perf_counter()
     first_preview = None
-    for event in pipe.stream(PROMPT, preview=preview, preview_every=preview_every, **settings):
+    for event in pipe.stream(*work, preview=preview, preview_every=preview_every, **settings):
         if event.preview is not None and first_preview is None:
             first_preview = time.perf_counter() - start
         if event.result is not None:
@@ -225,29 +246,33 @@ def peak_memory_mb(device: torch.device) -> float:
 def run(args) -> dict:
     dtype = pick_dtype(args.dtype, args.device)
     if args.model:
-        pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype)
+        pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype,
+                                                quantize=args.quantize)
     else:
-        pipe = random_pipeline(args.config, args.device, dtype)
+        pipe = random_pipeline(args.config, args.device, dtype, args.quantize)
     if args.compile:
         pipe.compile()
     # The model's defaults (as the page and the CLI start from), then the flags.
     settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
-    request = pipe.engine.request(PROMPT, **settings)  # the complete request, to report
-    size, tokens = request.size, pipe.engine.grid(request)[0] * pipe.engine.grid(request)[1]
+    size = pipe.engine.request(PROMPT, **settings).size
+    work = (INSTRUCTION, edit_input(size)) if args.edit else (PROMPT, None)
+    request = pipe.engine.request(*work, **settings)  # the complete request, to report
+    tokens = pipe.engine.grid(request)[0] * pipe.engine.grid(request)[1]
 
     # Warm-up, with previews: the first fast preview fits its latent-to-RGB map once per VAE.
-    timed_generation(pipe, dict(settings, size=(pipe.engine.down_factor * 2,) * 2), args.preview, 1)
+    timed_generation(pipe, work, dict(settings, size=(pipe.engine.down_factor * 2,) * 2), args.preview, 1)
     # Best of --repeat, previews off and on taken in turn, so that a busy moment of the machine
     # does not land on one side of the comparison only.
-    runs = [(timed_generation(pipe, settings, "none", args.preview_every),
-             timed_generation(pipe, settings, args.preview, args.preview_every)) for _ in range(args.repeat)]
+    runs = [(timed_generation(pipe, work, settings, "none", args.preview_every),
+             timed_generation(pipe, work, settings, args.preview, args.preview_every)) for _ in range(args.repeat)]
     plain = min((off for off, _ in runs), key=lambda timing: timing["seconds"])
     with_previews = min((on for _, on in runs), key=lambda timing: timing["seconds"])
-    split = timed_phases(pipe, settings, args.preview, args.preview_every).seconds
+    split = timed_phases(pipe, work, settings, args.preview, args.preview_every).seconds
     prompt_rows = pipe.engine.prepare(request).input_ids  # (branches * images, prompt length)
     backbone = backbone_step_seconds(pipe, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2)
     report = dict(
-        model=pipe.name, device=str(pipe.device), dtype=args.dtype, size=size.value, tokens=tokens,
+        model=pipe.name, device=str(pipe.device), dtype=args.dtype, quantize=args.quantize, edit=args.edit,
+        rows=prompt_rows.shape[0], size=size.value, tokens=tokens,
         num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, sampler=request.sampler,
         preview=args.preview,
         preview_every=args.preview_every, threads=torch.get_num_threads(), compiled=args.compile,
@@ -283,10 +308,12 @@ def format_table(report: dict) -> str:
     split = report["ms_per_token_split"]
     first = report["first_preview_seconds"]
     lines = [
-        f"model               {report['model']}  ({report['device']}, {report['dtype']}, {report['threads']} threads"
+        f"model               {report['model']}  ({report['device']}, {report['dtype']}"
+        f"{', weights ' + report['quantize'] if report['quantize'] else ''}, {report['threads']} threads"
         f"{', compiled' if report['compiled'] else ''})",
-        f"image               {report['size']}, {report['tokens']} tokens, "
-        f"{report['num_sampling_steps']} steps, cfg {report['cfg']}, sampler {report['sampler']}",
+        f"image               {'edit, ' if report['edit'] else ''}{report['size']}, {report['tokens']} tokens, "
+        f"{report['rows']} backbone rows, {report['num_sampling_steps']} steps, cfg {report['cfg']}, "
+        f"sampler {report['sampler']}",
         f"seconds per image   {report['seconds_per_image']:.3f}  (previews off)",
         f"ms per token        {report['ms_per_token']:.2f}",
         f"  token step        {split['token_step']:.2f}  (backbone alone, timed apart: "
@@ -319,15 +346,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on CPU)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the backbone")
+    parser.add_argument("--edit", action="store_true", help="an edit of a synthetic picture (3 guidance rows)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan for the request instead (nothing is allocated)")
     parser.add_argument("--compile", action="store_true", help="compile the flow head (pipe.compile())")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
     parser.add_argument("--repeat", type=int, default=3, help="time each variant this many times, keep the best")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     set_threads(args.device, args.threads)
+    if args.plan:
+        memory = plan_of(args)
+        print(json.dumps(memory.to_dict()) if args.json else memory.describe())
+        return 0
     report = run(args)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def plan_of(args) -> MemoryPlan:
+    """The memory plan of the bench's request, from configs alone."""
+    dtype = pick_dtype(args.dtype, args.device)
+    if args.model:
+        config = NextStepConfig.from_pretrained(resolve_directory(args.model, "model", files=CONFIG_FILES))
+        vae_config, name = None, args.model
+    else:
+        config, vae_config, _ = random_config(args.config)
+        name = args.config
+    default = one_request(config, vae_config)
+    size = Size.parse(args.size) if args.size else default.size
+    images = int(args.num_images or 1)
+    workload = Workload.edit(size, images) if args.edit else Workload.text_to_image(size, images)
+    return plan(config, vae_config, dtype, args.quantize, args.device, workload, name=name)
 
 
 if __name__ == "__main__":

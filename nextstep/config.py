@@ -33,7 +33,7 @@ class NextStepConfig(LlamaConfig):
         eoi: int | None = None,
         image_placeholder_id: int | None = None,
         use_gen_pos_embed: bool = False,
-        gen_pos_embed_grid: int = 32,
+        gen_pos_embed_grid: int | None = None,
         o_attention_bias: bool | None = None,
         vae_name_or_path: str | None = None,
         **kwargs,
@@ -53,8 +53,12 @@ class NextStepConfig(LlamaConfig):
         self.eoi = eoi
         self.image_placeholder_id = image_placeholder_id
         self.use_gen_pos_embed = bool(use_gen_pos_embed)
-        # The reference builds its position table for a 32x32 token grid whatever the image size.
-        self.gen_pos_embed_grid = gen_pos_embed_grid
+        # The side of the generation position table's token grid. NextStep-1's reference builds it for
+        # 32x32 whatever the image size; the releases' configs name the grid ``base_image_grid_size``
+        # (32 for NextStep-1-Large-Pretrain, 64 for NextStep-1.1), and a stored table has that size.
+        if gen_pos_embed_grid is None:
+            gen_pos_embed_grid = kwargs.get("base_image_grid_size", 32)
+        self.gen_pos_embed_grid = int(gen_pos_embed_grid)
         self.vae_name_or_path = vae_name_or_path
         if kwargs.get("rope_scaling", 0) is None:
             del kwargs["rope_scaling"]  # an explicit null means plain RoPE; transformers warns on the legacy key

@@ -292,5 +292,7 @@ class Engine:
             job, request = run.job, run.request
             pictures = to_pil(decode_tokens(self.vae, job.tokens, job.grid, self.config.latent_patch_size))
             parameters = dict(request.parameters(), model=self.name, family=self.family.name)
+            if self.model.quantization:
+                parameters["quantization"] = self.model.quantization
             result = GenerationResult(pictures, job.tokens.float().cpu(), request.seed, parameters)
         return StreamEvent(job.total, job.total, None, result)

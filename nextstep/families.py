@@ -5,10 +5,13 @@ reference inference code differs in default settings, the direction of the ``lin
 schedule, the order of random draws for an input image, BOS handling, and the generation
 position table. Everything here is data; the pipeline reads it.
 
-Detection: a checkpoint is ``nextstep-1.1`` when its ``config.json`` spells the flow-head or
-image-grid settings the way NextStep-1.1's release does (``genloss_width``, ``genloss_depth`` or
-``base_image_grid_size``); NextStep-1 releases name them ``fm_head_*`` / ``latent_*`` only.
-A bundled ``vae/`` folder is not a sign: any checkpoint may carry one.
+Detection: a checkpoint is ``nextstep-1.1`` when its ``config.json`` carries NextStep-1.1's
+flow-head spelling, keys named ``genloss_*`` (``genloss_width``, ``genloss_depth``, ...); NextStep-1
+releases name the head ``fm_head_*`` and have no ``genloss_*`` key. Keys both releases may carry
+are no sign: ``base_image_grid_size`` is in NextStep-1.1's config and in NextStep-1-Large-Pretrain's
+(32, beside its ``fm_head_*`` keys), and 1.1 configs may carry the ``fm_head_*`` / ``latent_*``
+names too (the official 1.1 reader needs them for heads of other sizes). Nor is a bundled
+``vae/`` folder: any checkpoint may carry one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .vae import VAEConfig
 
 NEXTSTEP_1 = "nextstep-1"
 NEXTSTEP_1_1 = "nextstep-1.1"
-_NEXTSTEP_1_1_KEYS = ("genloss_width", "genloss_depth", "base_image_grid_size")
+_NEXTSTEP_1_1_PREFIX = "genloss_"
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ FAMILIES = {
 
 
 def detect_family(config: NextStepConfig) -> str:
-    """``nextstep-1.1`` if the config carries NextStep-1.1's key spellings, else ``nextstep-1``."""
-    return NEXTSTEP_1_1 if any(hasattr(config, key) for key in _NEXTSTEP_1_1_KEYS) else NEXTSTEP_1
+    """``nextstep-1.1`` if the config carries NextStep-1.1's ``genloss_*`` keys, else ``nextstep-1``."""
+    return NEXTSTEP_1_1 if any(key.startswith(_NEXTSTEP_1_1_PREFIX) for key in vars(config)) else NEXTSTEP_1
 
 
 def get_family(name: str) -> Family:

@@ -1,8 +1,9 @@
 """NextStep: the backbone, the image projectors and the flow-matching head, with official names.
 
 Top-level parameter names match the released checkpoints: ``embed_tokens``, ``layers.N``,
-``norm``, ``lm_head``, ``image_in_projector``, ``image_out_projector``, ``image_head.net``
-and the buffer ``gen_pos_embed``.
+``norm``, ``image_in_projector``, ``image_out_projector``, ``image_head.net`` and the buffer
+``gen_pos_embed``. The checkpoints' ``lm_head`` (text logits, 0.78 B parameters in the 14B
+release) is never built: images do not use it, and loading leaves it in the file.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from .backbone import DecoderLayer, StaticKVCache, causal_mask, flash_attn_module
 from .config import NextStepConfig
 from .flow_head import FlowMatchingHead
+from .quantize import check_quantization, is_quantized, quantize_linear, quantized_linears
 from .tokens import patchify
-from .weights import load_strict, read_state_dict, save_safetensors
+from .weights import Checkpoint, load_strict, save_safetensors
+
+# Checkpoint tensors that image generation never uses: present in the releases, left unread.
+UNUSED_KEYS = frozenset({"lm_head.weight"})
 
 
 def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
@@ -42,26 +47,57 @@ class NextStepModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
-        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.image_in_projector = nn.Linear(config.token_dim, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
         self.image_head = FlowMatchingHead(config.token_dim, hidden, config.fm_head_dim, config.fm_head_layers)
         grid = config.gen_pos_embed_grid
         self.register_buffer("gen_pos_embed", sincos_2d_table(hidden, grid)[None], persistent=True)
+        self.quantization: str | None = None  # how the backbone's weights are held ("int8", "fp8")
 
     # ---- loading and saving -------------------------------------------------------------
 
     @classmethod
-    def from_directory(cls, directory: Path, device="cpu", dtype=torch.float32) -> NextStepModel:
-        """Build on the meta device and take the checkpoint's tensors as they are (no random init, one copy)."""
+    def from_directory(
+        cls, directory: Path, device="cpu", dtype=torch.float32, quantize: str | None = None
+    ) -> NextStepModel:
+        """Build on the meta device and take the checkpoint's tensors one at a time (no random
+        init, one copy). ``quantize`` ("int8" or "fp8", see ``nextstep.quantize``) quantizes each
+        backbone linear weight as soon as it is on the device, before the next one is read, so the
+        full-precision backbone is never held there."""
         directory = Path(directory)
+        device = torch.device(device)
+        check_quantization(quantize, device)
         config = NextStepConfig.from_pretrained(directory)
+        checkpoint = Checkpoint(directory)
+        if "o_attention_bias" not in json.loads((directory / "config.json").read_text()):
+            # Officially a missing o_attention_bias follows attention_bias, and o_proj biases absent
+            # from the file are zero-filled: the same numbers as no bias. Reading the choice from the
+            # file gives the official result either way, stays strict about a partial set of biases,
+            # and holds no zeros.
+            config.o_attention_bias = any(key.endswith("self_attn.o_proj.bias") for key in checkpoint.shapes)
         with torch.device("meta"):
             model = cls(config)
-        state = read_state_dict(directory, device, dtype)
-        # NextStep-1 checkpoints carry the fixed position table; NextStep-1.1 ones do not.
-        load_strict(model, state, f"checkpoint {directory}", optional=frozenset({"gen_pos_embed"}))
-        model._build_computed_buffers(device, keep_loaded="gen_pos_embed" in state)
+        linears = quantized_linears(model) if quantize else {}
+        to_quantize = {f"{name}.weight": linear for name, linear in linears.items()}
+
+        def loaded(key: str) -> None:
+            if key in to_quantize:
+                quantize_linear(to_quantize[key], quantize)
+
+        try:
+            # NextStep-1 checkpoints carry the position table; NextStep-1.1 ones need not.
+            keys = load_strict(
+                model, checkpoint, f"checkpoint {directory}", device, dtype,
+                optional=frozenset({"gen_pos_embed"}), unused=UNUSED_KEYS, loaded=loaded,
+            )
+        except torch.OutOfMemoryError as error:
+            from .memory import loading_refusal, weight_bytes  # memory builds models: imported here, not at the top
+
+            with torch.device("meta"):
+                need = weight_bytes(cls(config), dtype, quantize)
+            raise loading_refusal(f"{directory} ({str(dtype).removeprefix('torch.')})", device, need) from error
+        model._build_computed_buffers(device, keep_loaded="gen_pos_embed" in keys)
+        model.quantization = quantize
         return model.eval()
 
     @classmethod
@@ -80,6 +116,14 @@ class NextStepModel(nn.Module):
         model._build_computed_buffers(device, keep_loaded=False)
         return model.eval()
 
+    def quantize_weights(self, quantize: str) -> None:
+        """Quantize the backbone's weights of a model already loaded (``from_directory`` does it
+        while loading instead, so that full precision never fills the device)."""
+        check_quantization(quantize, self.device)
+        for linear in quantized_linears(self).values():
+            quantize_linear(linear, quantize)
+        self.quantization = quantize
+
     def _build_computed_buffers(self, device, keep_loaded: bool) -> None:
         with torch.device(device):
             self.rotary_emb = LlamaRotaryEmbedding(self.config)
@@ -88,6 +132,8 @@ class NextStepModel(nn.Module):
             self.gen_pos_embed = table.to(device=device, dtype=self.embed_tokens.weight.dtype)
 
     def save_pretrained(self, directory: Path) -> None:
+        if is_quantized(self):
+            raise ValueError("a quantized model cannot be saved (quantization happens while loading): save it unquantized")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
@@ -145,9 +191,10 @@ class NextStepModel(nn.Module):
             x = layer(x, cos, sin, mask, slots, cache)
         return self.norm(x)
 
-    def condition(self, hidden: torch.Tensor, token_index: int | None) -> torch.Tensor:
+    def condition(self, hidden: torch.Tensor, token_index: int | torch.Tensor | None) -> torch.Tensor:
         """Flow-head condition from the last hidden state (B, hidden) for image token
-        ``token_index``; None leaves the generation position table out whatever the config says."""
+        ``token_index`` (an int, or a (1,) tensor so that the token loop reads nothing back from
+        the device); None leaves the generation position table out whatever the config says."""
         if token_index is not None and self.config.use_gen_pos_embed:
             hidden = hidden + self.gen_pos_embed[0, token_index]
         return self.image_out_projector(hidden)

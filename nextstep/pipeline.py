@@ -14,8 +14,11 @@ from PIL import Image
 
 from .engine import Engine, GenerationResult, Run, StreamEvent, check_preview
 from .families import detect_family, get_family
-from .hub import ModelNotFoundError, resolve_directory
+from .config import NextStepConfig
+from .hub import CONFIG_FILES, ModelNotFoundError, resolve_directory
+from .memory import MemoryPlan, one_request, plan
 from .model import NextStepModel
+from .quantize import check_quantization
 from .prompts import load_tokenizer
 from .settings import read_stored_settings
 from .vae import AutoencoderKL
@@ -37,6 +40,18 @@ def _vae_directory(model_dir: Path, requested: str | Path | None, configured: st
     if bundled.is_dir():
         return bundled
     raise ModelNotFoundError(f"no VAE for {model_dir}: pass vae=..., or set vae_name_or_path in its config.json")
+
+
+def memory_plan(
+    model: str | Path, device, dtype: torch.dtype, quantize: str | None, vae: str | Path | None = None,
+) -> MemoryPlan:
+    """What loading ``model`` (a directory or Hub id: only its configs are read) and serving one
+    request need on ``device``. The VAE is counted from its config where it is a local directory
+    (given, or bundled in the model's), else at the release VAE's shape."""
+    config_dir = resolve_directory(model, "model", files=CONFIG_FILES)
+    config = NextStepConfig.from_pretrained(config_dir)
+    local_vae = next((Path(d) for d in (vae, config_dir / "vae") if d is not None and Path(d).is_dir()), None)
+    return plan(config, local_vae, dtype, quantize, device, one_request(config, local_vae), name=str(model))
 
 
 class _Collect:
@@ -82,16 +97,24 @@ class NextStepPipeline:
         dtype: torch.dtype = torch.float32,
         family: str | None = None,
         quantize: str | None = None,
+        check_memory: bool = True,
     ) -> NextStepPipeline:
         """Load a model directory or Hub id; ``vae=None`` takes ``config.vae_name_or_path``
         (relative to the model directory), else a ``vae/`` folder inside the model (where
         NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config; VAE
         config fields left out take that family's defaults. ``quantize`` ("int8", "fp8" or None)
-        quantizes the backbone's weights while they load (``nextstep.quantize``)."""
+        quantizes the backbone's weights while they load (``nextstep.quantize``).
+
+        Before any weight is read, the memory plan of one request (``nextstep.memory.one_request``)
+        is checked against the device's free memory: ``NotEnoughMemoryError`` names the need and the
+        options. ``check_memory=False`` skips it (a caller that checked several models together)."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         chosen = get_family(family) if family is not None else None  # an unknown name fails before loading
         device = torch.device(device)
+        check_quantization(quantize, device)
+        if check_memory:
+            memory_plan(model, device, dtype, quantize, vae).check()
         model_dir = resolve_directory(model, "model")
         network = NextStepModel.from_directory(model_dir, device, dtype, quantize=quantize)
         chosen = chosen or get_family(detect_family(network.config))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tokens import patchify, unpatchify
-from .weights import load_strict, read_state_dict, save_safetensors
+from .weights import Checkpoint, load_strict, save_safetensors
 
 
 @dataclass
@@ -30,7 +30,8 @@ class VAEConfig:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     # encoder_norm: LayerNorm (no affine) of the posterior mean over each psz x psz patch of all
-    # channels; skipped when psz is None, as the reference does.
+    # channels; with psz None, over the channels at each latent position (as psz 1), as the
+    # official encoder does.
     encoder_norm: bool = False
     psz: int | None = None
     # deterministic: the posterior has zero variance (the noise is still drawn, and multiplied by 0).
@@ -200,7 +201,7 @@ class AutoencoderKL(nn.Module):
         config = VAEConfig.from_dict(base)
         with torch.device("meta"):
             vae = cls(config)
-        load_strict(vae, read_state_dict(directory, device, dtype), f"VAE checkpoint {directory}")
+        load_strict(vae, Checkpoint(directory), f"VAE checkpoint {directory}", device, dtype)
         return vae.eval()
 
     def save_pretrained(self, directory: Path) -> None:
@@ -216,8 +217,8 @@ class AutoencoderKL(nn.Module):
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] (B, 3, H, W) -> posterior (mean, std), each (B, z, H/8, W/8)."""
         mean, logvar = self.encoder(pixels.to(self.dtype)).chunk(2, dim=1)
-        if self.config.encoder_norm and self.config.psz is not None:
-            patch = self.config.psz
+        if self.config.encoder_norm:
+            patch = self.config.psz or 1
             grid = (mean.shape[2] // patch, mean.shape[3] // patch)
             tokens = patchify(mean, patch)
             mean = unpatchify(F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6), grid, patch)

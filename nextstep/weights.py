@@ -1,12 +1,14 @@
 """Reading checkpoint files and putting them into meta-built modules, strictly.
 
 A checkpoint directory holds ``model.safetensors``, or shards listed by
-``model.safetensors.index.json``, or (VAE releases) a plain ``checkpoint.pt`` state dict.
+``model.safetensors.index.json``, or (VAE releases) a plain ``checkpoint.pt`` state dict. Keys and
+shapes are checked from the files' headers first; tensors are then read and placed one at a time.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,32 +25,52 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model built from its config."""
 
 
-def read_state_dict(directory: Path, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Load every tensor of the checkpoint in ``directory`` onto ``device``, floats as ``dtype``.
+class Checkpoint:
+    """The tensors of the checkpoint in ``directory``, listed from the files' headers without reading them."""
 
-    Each tensor is copied out of the memory-mapped file as it is read (one tensor at a time,
-    never the whole model twice): a tensor left inside the mapping can sit at an alignment
-    that makes CPU kernels round differently from one file layout to another.
-    """
-    directory = Path(directory)
-    if (directory / SAFETENSORS_INDEX).is_file():
-        index = json.loads((directory / SAFETENSORS_INDEX).read_text())
-        files = sorted(set(index["weight_map"].values()))
-    elif (directory / SAFETENSORS).is_file():
-        files = [SAFETENSORS]
-    elif (directory / TORCH_CHECKPOINT).is_file():
-        state = torch.load(directory / TORCH_CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
-        return {key: _owned(tensor, device, dtype) for key, tensor in state.items()}
-    else:
-        raise FileNotFoundError(
-            f"no weights in {directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_CHECKPOINT}"
-        )
-    state = {}
-    for name in files:
-        with safe_open(directory / name, framework="pt") as f:
-            for key in f.keys():
-                state[key] = _owned(f.get_tensor(key), device, dtype)
-    return state
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._files: dict[str, list[str]] = {}  # file -> its keys, in the order they are read
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._torch_state = None  # a memory-mapped checkpoint.pt, read lazily
+        if (self.directory / SAFETENSORS_INDEX).is_file():
+            index = json.loads((self.directory / SAFETENSORS_INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        elif (self.directory / SAFETENSORS).is_file():
+            names = [SAFETENSORS]
+        elif (self.directory / TORCH_CHECKPOINT).is_file():
+            self._torch_state = torch.load(
+                self.directory / TORCH_CHECKPOINT, map_location="cpu", weights_only=True, mmap=True
+            )
+            self._files[TORCH_CHECKPOINT] = list(self._torch_state)
+            self.shapes = {key: tuple(tensor.shape) for key, tensor in self._torch_state.items()}
+            return
+        else:
+            raise FileNotFoundError(
+                f"no weights in {self.directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_CHECKPOINT}"
+            )
+        for name in names:
+            with safe_open(self.directory / name, framework="pt") as f:
+                keys = list(f.keys())
+                self._files[name] = keys
+                self.shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in keys})
+
+    def tensors(self, keys: set[str], device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors named in ``keys``, one at a time, each on ``device`` (floats as ``dtype``).
+
+        Each tensor is copied out of the memory-mapped file as it is read (never the whole model
+        twice): a tensor left inside the mapping can sit at an alignment that makes CPU kernels
+        round differently from one file layout to another.
+        """
+        for name, file_keys in self._files.items():
+            wanted = [key for key in file_keys if key in keys]
+            if self._torch_state is not None:
+                for key in wanted:
+                    yield key, _owned(self._torch_state[key], device, dtype)
+                continue
+            with safe_open(self.directory / name, framework="pt") as f:
+                for key in wanted:
+                    yield key, _owned(f.get_tensor(key), device, dtype)
 
 
 def _owned(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
@@ -57,18 +79,25 @@ def _owned(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
 
 def load_strict(
     module: nn.Module,
-    state: dict[str, torch.Tensor],
+    checkpoint: Checkpoint,
     what: str,
+    device,
+    dtype: torch.dtype,
     optional: frozenset[str] = frozenset(),
-) -> None:
-    """Assign ``state`` to a (meta-built) module, refusing any missing or unexpected key.
+    unused: frozenset[str] = frozenset(),
+    loaded: Callable[[str], None] | None = None,
+) -> set[str]:
+    """Put ``checkpoint``'s tensors into a (meta-built) module one by one, refusing any missing,
+    unexpected or misshapen key before reading a single tensor. Returns the keys loaded.
 
-    Keys in ``optional`` may be absent from the
-    checkpoint (the module keeps the value it computed itself).
+    Keys in ``optional`` may be absent from the checkpoint (the module keeps the value it computes
+    itself); keys in ``unused`` may be present and are never read. ``loaded(key)`` runs right after
+    each tensor is in place (to quantize it before the next one is read).
     """
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - set(state) - optional)
-    unexpected = sorted(set(state) - expected)
+    own = module.state_dict()
+    present = set(checkpoint.shapes) - unused
+    missing = sorted(set(own) - present - optional)
+    unexpected = sorted(present - set(own))
     if missing or unexpected:
         parts = []
         if missing:
@@ -76,11 +105,28 @@ def load_strict(
         if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
         raise CheckpointMismatchError(f"{what} does not match its config; " + "; ".join(parts))
-    own = module.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    bad = [
+        f"{key} {checkpoint.shapes[key]} vs {tuple(own[key].shape)}"
+        for key in sorted(present)
+        if checkpoint.shapes[key] != tuple(own[key].shape)
+    ]
     if bad:
         raise CheckpointMismatchError(f"{what} has tensors of the wrong shape: {', '.join(bad[:20])}")
-    module.load_state_dict(state, strict=False, assign=True)
+    for key, tensor in checkpoint.tensors(present, device, dtype):
+        _assign(module, key, tensor)
+        if loaded is not None:
+            loaded(key)
+    return present
+
+
+def _assign(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter or buffer ``key`` of ``module`` (as ``load_state_dict(assign=True)``)."""
+    owner_name, _, name = key.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=owner._parameters[name].requires_grad)
+    else:
+        owner._buffers[name] = tensor
 
 
 def save_safetensors(module: nn.Module, directory: Path, dtype: torch.dtype | None = None) -> None:

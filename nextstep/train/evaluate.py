@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 from ..pipeline import NextStepPipeline
+from ..quantize import QUANTIZATIONS
+from ..sizes import Size
 from .sampling_defaults import BASE, EDIT_SEARCH, TEXT_TO_IMAGE_SEARCH, coordinate_search, read_defaults
 from .vae_training import psnr, reconstruct, to_pixels
 from .world import CELLS, COLOURS, EDIT_KINDS, PALETTE, SIZE_FRACTION, Obj, Scene, caption, random_edit, random_scene, render
@@ -215,7 +217,7 @@ def evaluate_text_to_image(pipe, scenes: list[Scene], settings: dict, seed: int 
 def evaluate_edits(pipe, edits, settings: dict, seed: int = 0) -> dict:
     rows = []
     for i, edit in enumerate(edits):
-        source_image = render(edit.source, settings["hw"][0])
+        source_image = render(edit.source, Size.parse(settings["size"]).height)
         output = pipe.generate(edit.instruction, source_image, seed=seed + i, **settings).images[0]
         rows.append(score_edit(output, edit.source, edit.target, source_image))
     return average(rows)
@@ -283,12 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", type=int, default=50, help="held-out edits (the five kinds in turn)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest for this small model on 2 busy cores")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="quantize the backbone's weights while loading")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = NextStepPipeline.from_pretrained(args.model)
+    if args.quantize:  # the same checkpoint, its backbone quantized while loading
+        model = NextStepModel.from_directory(pipe.directory, pipe.device, pipe.model.dtype, quantize=args.quantize)
+        pipe = NextStepPipeline(
+            model, pipe.vae, pipe.tokenizer, name=pipe.name, family=pipe.family, directory=pipe.directory
+        )
     settings = read_defaults(args.model)
     report = full_report(pipe, settings, args.singles, args.pairs, args.edits)
-    report["settings"], report["threads"] = settings, args.threads
+    report["settings"], report["threads"], report["quantize"] = settings, args.threads, args.quantize
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
