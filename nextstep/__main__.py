@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device")
     parser.add_argument("--dtype", choices=list(DTYPES))
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the backbone")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the per-token step (pays for large images; the first compile takes minutes)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on CPU)")
     args = parser.parse_args(argv)
     if not args.model:
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=device,
                                                 dtype=pick_dtype(args.dtype, device), quantize=args.quantize)
+        if args.compile:
+            pipe.compile()
         start = time.monotonic()
         for event in pipe.stream(args.prompt, args.image, preview="none", **given_settings(args)):
             rate = event.done / max(time.monotonic() - start, 1e-9)

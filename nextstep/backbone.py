@@ -27,15 +27,13 @@ class StaticKVCache:
 
     def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype, flash=None):
         self.flash = flash  # the flash-attn 2 module to attend with (``flash_attn_module``), or None for SDPA
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer, not a view of one big one: a compiled step then writes each layer's
+        # new slot in place (a write through a view of a graph input copies the whole layer).
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.key_valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.key_slots = torch.arange(max_len, device=device)
-
-    @property
-    def max_len(self) -> int:
-        return self.key_valid.shape[1]
 
     def mark(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Record which of the incoming cache ``slots`` hold real tokens and return the attention mask.
@@ -44,7 +42,7 @@ class StaticKVCache:
         causal over real keys, and always the query's own slot, so that padding rows stay
         finite (their outputs are never used).
         """
-        self.key_valid[:, slots] = valid
+        self.key_valid.index_copy_(1, slots, valid)
         return attention_mask(slots, self.key_slots, self.key_valid)
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -56,12 +54,6 @@ class StaticKVCache:
     def left_padding(self) -> torch.Tensor:
         """(B,) int32: padding slots before each row's first real token (rows are left padded)."""
         return self.key_valid.int().argmax(dim=1).int()
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows at ``rows`` (a request left the batch)."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
-        self.key_valid = self.key_valid[rows]
 
 
 def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -116,6 +108,25 @@ def flash_attention(flash, q, k, v, cache: StaticKVCache, layer: int, slots: tor
     return full.reshape(b, t, q.shape[1], q.shape[3]).transpose(1, 2)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of q (B, nh, T, hd) over k, v (B, nkv, S, hd) with a bool mask (B, 1, T, S).
+
+    With grouped KV heads, the query heads of each KV head (heads j*g .. j*g+g-1) are folded into
+    its query rows instead of passing ``enable_gqa``: with a mask, CUDA's fused kernels refuse
+    ``enable_gqa`` and SDPA falls back to its unfused math, while the folded form is plain
+    attention with a mask, which the memory-efficient kernel takes. A one-token step folds as a
+    view; a prefill copies q and the mask once.
+    """
+    b, heads, t, head_dim = q.shape
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(b, k.shape[1], groups * t, head_dim)  # (B, nkv, g*T, hd)
+    mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, 1, groups * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(b, heads, t, head_dim)  # SDPA may hand back a transposed layout
+
+
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     """Mask for a whole sequence without a cache: (B, T) real tokens -> (B, 1, T, T)."""
     slots = torch.arange(valid.shape[1], device=valid.device)
@@ -148,7 +159,7 @@ class Attention(nn.Module):
             if cache.flash is not None:
                 out = flash_attention(cache.flash, q, chunk_k, chunk_v, cache, self.layer_idx, slots)
         if out is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            out = grouped_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

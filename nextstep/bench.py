@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit", action="store_true", help="an edit of a synthetic picture (3 guidance rows)")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory plan for the request instead (nothing is allocated)")
-    parser.add_argument("--compile", action="store_true", help="compile the flow head (pipe.compile())")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the per-token step (pipe.compile(); a CUDA graph on CUDA); timed after warm-up")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
     parser.add_argument("--repeat", type=int, default=3, help="time each variant this many times, keep the best")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

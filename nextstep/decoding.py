@@ -8,17 +8,38 @@ company it keeps. Backbone rows are branch-major across the batch: for each guid
 every job's images in turn, which lets ``guide`` split the velocities with one ``chunk``.
 A job's rows keep the positions they would have alone: left padding added to line up prompts
 of different lengths shifts cache slots, not positions.
+
+Each token is one call of ``decode_step``: a static function of the batch's ``StepState``
+(device tensors of fixed shape, the token index among them) that samples the token with every
+flow-head step and its guidance, stores it, and runs the backbone on it for the next. It reads
+no value back to the host and allocates nothing that depends on the token, so the same step
+serves every token: ``torch.compile(decode_step, fullgraph=True)`` compiles it once per batch
+shape (``compile_step``), and on CUDA it can be captured once per batch as a CUDA graph and
+replayed for every token (``BatchDecoder(cuda_graph=True)``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .backbone import StaticKVCache
 from .model import NextStepModel
-from .sampling import sample_token
+from .sampling import SAMPLERS, Coefficients, Sampler, guided, integrate
+
+# Cache lengths are rounded up to a multiple of this, so that one compiled step serves prompts
+# of nearby lengths (unused slots are masked out like padding).
+CACHE_SLOTS_MULTIPLE = 128
+# The most batch shapes a compiled step compiles a graph for.
+STEP_GRAPHS = 64
+
+
+def cache_slots(needed: int) -> int:
+    """The cache length a batch needing ``needed`` slots gets: rounded up to CACHE_SLOTS_MULTIPLE."""
+    return -(-needed // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
 
 
 def batch_key(grid, sampler, num_sampling_steps, timesteps_shift, branches, use_norm) -> tuple:
@@ -62,56 +83,140 @@ class DecodeJob:
         return batch_key(self.grid, self.sampler, self.num_sampling_steps, self.timesteps_shift, self.branches, self.use_norm)
 
 
-class BatchDecoder:
-    """Decodes the image tokens of jobs with one batch key together; ``drop`` removes a job."""
+@dataclass
+class StepState:
+    """Everything ``decode_step`` reads and writes for one batch: fixed shapes, on the model's device.
 
-    def __init__(self, model: NextStepModel, jobs: list[DecodeJob], position_table: bool):
+    rows = branches * images, branch-major; N = tokens per image.
+    """
+
+    cache: StaticKVCache
+    hidden: torch.Tensor  # (rows, hidden) last hidden state of each row; rewritten every step
+    tokens: torch.Tensor  # (images, N, token_dim) float32, token k written at step k
+    token: torch.Tensor  # (1,) int64: the index of the token the next step samples
+    slot: torch.Tensor  # (1,) int64: the cache slot its input will be stored at
+    positions: torch.Tensor  # (rows, 1) int64: the rotary position of that input, per row
+    valid: torch.Tensor  # (rows, 1) bool, all True: every row's new input is a real token
+    noise: torch.Tensor  # (N, draws, images, token_dim) every flow-head draw of the batch
+    cfg: torch.Tensor  # (N, images, 1) text guidance per token and image
+    cfg_img: torch.Tensor  # (N, images, 1)
+    times: torch.Tensor  # (evaluations,) the grid times the velocity is evaluated at
+    schedule: list[Coefficients]  # the sampler's per-step scalars (``Sampler.schedule``)
+
+
+def decode_step(
+    model: NextStepModel, state: StepState, sampler: Sampler, branches: int, use_norm: bool, position_table: bool
+) -> None:
+    """Sample token ``state.token`` of every image, store it, feed it back through the backbone and
+    advance the state by one token. The Python arguments are fixed for a batch; after the last
+    token the backbone pass is unused, as in the reference."""
+    token = state.token
+    cond = model.condition(state.hidden, token if position_table else None)
+    velocity_at = model.image_head.velocity_field(cond, state.times)
+    guided_velocity = guided(velocity_at, branches, state.cfg[token][0], state.cfg_img[token][0])
+    x = integrate(sampler, state.schedule, guided_velocity, state.noise[token][0])  # (images, D)
+    if use_norm:
+        x = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+    state.tokens.index_copy_(1, token, x[:, None])
+    embed = model.image_in_projector(x.to(model.dtype)).repeat(branches, 1)[:, None]  # (rows, 1, hidden)
+    hidden = model.forward_backbone(embed, state.slot, state.valid, state.cache, state.positions)
+    state.hidden.copy_(hidden[:, -1])
+    token += 1
+    state.slot += 1
+    state.positions += 1
+
+
+Step = Callable[..., None]  # decode_step or a compiled decode_step
+
+
+def compile_step() -> Step:
+    """``decode_step`` compiled whole with inductor (no graph breaks, static shapes): one graph per
+    batch shape, reused by every decoder of that shape and every token. Pass it to
+    ``BatchDecoder(step=...)``; keep one per process. On CUDA, combine it with ``cuda_graph=True``
+    rather than a "reduce-overhead" mode: the decoder captures the whole step itself."""
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+    def step(*args) -> None:
+        # A server meets more batch shapes than dynamo's default of 8 graphs per function, and
+        # with fullgraph the next one would be an error.
+        with torch._dynamo.config.patch(recompile_limit=STEP_GRAPHS):
+            compiled(*args)
+
+    return step
+
+
+class BatchDecoder:
+    """Decodes the image tokens of jobs with one batch key together; ``drop`` removes a job.
+
+    step: ``decode_step`` or ``compile_step()``'s. cuda_graph: on CUDA, capture the step once
+    after the first token and replay it for the others (no launch per operation).
+    """
+
+    def __init__(
+        self, model: NextStepModel, jobs: list[DecodeJob], position_table: bool, step: Step = decode_step,
+        cuda_graph: bool = False,
+    ):
         """position_table: add the model's generation position table to the condition
         (``config.use_gen_pos_embed``, where the model's family honours it)."""
         keys = {job.batch_key for job in jobs}
         if len(keys) != 1:
             raise ValueError("jobs decoded together must share grid, sampler, steps, shift, branches and use_norm")
+        if cuda_graph and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
         self.model = model
-        self.position_table = position_table
         self.jobs = list(jobs)
-        self.next_token = 0
         first = jobs[0]
-        self.branches, self.total, self.time_grid = first.branches, first.total, first.time_grid
-        self._prefill()
-
-    # ---- rows ----------------------------------------------------------------------------
-
-    def _rows_of(self, job_index: int) -> list[int]:
-        """Indices of a job's rows in the branch-major batch."""
-        offsets, start = [], 0
-        for job in self.jobs:
-            offsets.append(start)
-            start += job.images
-        images_in_batch = start
-        job = self.jobs[job_index]
-        return [
-            branch * images_in_batch + offsets[job_index] + i for branch in range(self.branches) for i in range(job.images)
-        ]
+        self.total = first.total
+        self.next_token = 0
+        sampler = SAMPLERS[first.sampler]
+        self._step = step
+        self._arguments = (sampler, first.branches, first.use_norm, position_table)
+        self._cuda_graph = cuda_graph
+        self._graph: torch.cuda.CUDAGraph | None = None  # captured after the first token
+        self.state = self._prefill(sampler, first.branches, first.time_grid)
 
     @torch.inference_mode()
-    def _prefill(self) -> None:
-        model, device = self.model, self.model.device
-        length = max(job.input_ids.shape[1] for job in self.jobs)
-        job_embeds = [model.embed(job.input_ids.to(device), job.image_latents) for job in self.jobs]
+    def _prefill(self, sampler: Sampler, branches: int, grid: torch.Tensor) -> StepState:
+        model, device, jobs = self.model, self.model.device, self.jobs
+        length = max(job.input_ids.shape[1] for job in jobs)
+        job_embeds = [model.embed(job.input_ids.to(device), job.image_latents) for job in jobs]
         embeds, valid, positions = [], [], []
-        for branch in range(self.branches):
-            for job, all_rows in zip(self.jobs, job_embeds):
+        for branch in range(branches):
+            for job, all_rows in zip(jobs, job_embeds):
                 rows = slice(branch * job.images, (branch + 1) * job.images)
                 pad = length - job.input_ids.shape[1]
                 embeds.append(F.pad(all_rows[rows], (0, 0, pad, 0)))
                 valid.append(F.pad(job.attention_mask[rows].to(device).bool(), (pad, 0)))
                 positions.append((torch.arange(length, device=device) - pad).clamp(min=0).expand(job.images, -1))
         embeds, positions = torch.cat(embeds), torch.cat(positions)  # positions: each job's own
-        self.prompt_length = length
-        self.cache = model.new_cache(embeds.shape[0], length + self.total)
-        self.next_positions = positions[:, -1] + 1  # (rows,) position of each row's first image token
-        slots = torch.arange(length, device=device)
-        self.hidden = model.forward_backbone(embeds, slots, torch.cat(valid), self.cache, positions)[:, -1]
+        slots = cache_slots(length + self.total)
+        cache = model.new_cache(embeds.shape[0], slots)
+        hidden = model.forward_backbone(embeds, torch.arange(length, device=device), torch.cat(valid), cache, positions)
+        # The batch's tokens live in one tensor written by the step; each job's are a view of it.
+        tokens = torch.cat([job.tokens for job in jobs])
+        start = 0
+        for job in jobs:
+            job.tokens = tokens[start : start + job.images]
+            start += job.images
+        schedule = sampler.schedule(grid)
+
+        def per_token(values: torch.Tensor, job: DecodeJob) -> torch.Tensor:  # (N,) -> (N, images, 1)
+            return values[:, None, None].expand(-1, job.images, 1)
+
+        return StepState(
+            cache=cache,
+            hidden=hidden[:, -1].clone(),
+            tokens=tokens,
+            token=torch.zeros(1, dtype=torch.long, device=device),
+            slot=torch.full((1,), length, device=device),
+            positions=positions[:, -1:] + 1,
+            valid=torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=device),
+            noise=torch.cat([job.head_noise for job in jobs], dim=2),
+            cfg=torch.cat([per_token(job.cfg, job) for job in jobs], dim=1),
+            cfg_img=torch.cat([per_token(job.cfg_img, job) for job in jobs], dim=1),
+            times=grid[: len(schedule)],
+            schedule=schedule,
+        )
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -122,38 +227,34 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self) -> int:
         """Sample token ``k`` of every job, store it in ``job.tokens``, feed it back; return k."""
-        model, k = self.model, self.next_token
-        first = self.jobs[0]
-        cond = model.condition(self.hidden, k if self.position_table else None)
-        noise = torch.cat([job.head_noise[k] for job in self.jobs], dim=1)  # (draws, images, D)
-        cfg = torch.cat([job.cfg[k].expand(job.images) for job in self.jobs])[:, None]  # (images, 1)
-        cfg_img = torch.cat([job.cfg_img[k].expand(job.images) for job in self.jobs])[:, None]
-        velocity_at = model.image_head.velocity_field(cond, self.time_grid)
-        x = sample_token(first.sampler, velocity_at, noise, self.time_grid, self.branches, cfg, cfg_img)
-        if first.use_norm:
-            x = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
-        start = 0
-        for job in self.jobs:
-            job.tokens[:, k] = x[start : start + job.images]
-            start += job.images
-        self.next_token = k + 1
-        if self.next_token < self.total:  # the last token needs no backbone pass
-            embed = model.image_in_projector(x.to(model.dtype)).repeat(self.branches, 1)[:, None]  # (rows, 1, hidden)
-            slot = torch.tensor([self.prompt_length + k], device=model.device)
-            valid = torch.ones(embed.shape[0], 1, dtype=torch.bool, device=model.device)
-            positions = (self.next_positions + k)[:, None]
-            self.hidden = model.forward_backbone(embed, slot, valid, self.cache, positions)[:, -1]
-        return k
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._cuda_graph:
+            self._graph = self._first_step_then_capture()
+        else:
+            self._step(self.model, self.state, *self._arguments)
+        self.next_token += 1
+        return self.next_token - 1
 
-    @torch.inference_mode()
+    def _first_step_then_capture(self) -> torch.cuda.CUDAGraph:
+        # The first token runs on a side stream (warm-up, as CUDA graph capture asks), then the step
+        # is recorded (recording runs nothing) and replayed for the other tokens.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(self.model, self.state, *self._arguments)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(self.model, self.state, *self._arguments)
+        return graph
+
     def drop(self, job: DecodeJob) -> None:
-        """Remove a job (cancelled); the others go on from the same token."""
-        index = self.jobs.index(job)
-        rows = self._rows_of(index)
-        keep = torch.tensor([r for r in range(self.hidden.shape[0]) if r not in rows], device=self.model.device)
-        self.jobs.pop(index)
-        if not self.jobs:
-            return
-        self.cache.keep_rows(keep)
-        self.hidden = self.hidden[keep]
-        self.next_positions = self.next_positions[keep]
+        """Remove a job (cancelled); the others go on from the same token.
+
+        Its rows stay in the batch and keep being computed, unseen: the batch keeps its shape, so
+        a compiled or captured step goes on serving it (compacting the rows would compile or
+        capture again), and at the batch sizes decoded together a step costs about the same
+        with a few rows fewer. The job keeps the tokens sampled so far."""
+        self.jobs.remove(job)
+        job.tokens = job.tokens.clone()  # no longer a view of the batch's tokens

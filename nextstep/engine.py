@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image, ImageOps
 
-from .decoding import BatchDecoder, DecodeJob, batch_key
+from .decoding import BatchDecoder, DecodeJob, Step, batch_key, compile_step, decode_step
 from .families import Family
 from .inputs import clean_text, load_image, number
 from .model import NextStepModel
@@ -120,6 +120,8 @@ class Engine:
         self.stored = stored
         self.prompts = PromptBuilder(tokenizer, self.config.boi, bos_as_text=family.bos_as_text)
         self.previewer = Previewer(vae, self.config.latent_patch_size)
+        self.step: Step = decode_step  # the per-token step; ``compile`` swaps in the compiled one
+        self.cuda_graph = False
         # Where an edit prompt without ``<image>`` takes the input image: as the model was trained
         # (a model may store "image_slot"), else before the instruction, as the official examples.
         self.image_slot = check_image_slot_place(stored.get("image_slot", "before"))
@@ -127,6 +129,12 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def compile(self, cuda_graph: bool = False) -> None:
+        """Run the token loop with the compiled step (``decoding.compile_step``), captured as a
+        CUDA graph per batch when ``cuda_graph``."""
+        self.step = compile_step()
+        self.cuda_graph = cuda_graph
 
     @property
     def supports_images(self) -> bool:
@@ -260,7 +268,8 @@ class Engine:
         after each step. Marks the runs that got every token ``decoded``; closing the generator
         stops sampling at once."""
         with torch.inference_mode(), hooks.timed("prefill"):
-            decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table)
+            decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table, step=self.step,
+                                   cuda_graph=self.cuda_graph)
         active = list(runs)
         while active and not decoder.finished:
             with hooks.timed("step"):

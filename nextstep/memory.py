@@ -4,8 +4,8 @@
 
 * weights: every parameter and buffer of the model built on the meta device (``lm_head`` is never
   built), quantized linear weights at their stored size, plus the VAE's;
-* the KV cache of one batch: ``layers x rows x kv_heads x (prompt + image tokens) x head_dim``
-  keys and values, as ``StaticKVCache`` allocates it;
+* the KV cache of one batch: ``layers x rows x kv_heads x slots x head_dim`` keys and values,
+  with ``slots`` the prompt and image tokens rounded up as the token loop allocates them;
 * the largest transient working set: the prefill of one decoder layer over the whole prompt
   (hidden states, q/k/v, the MLP's intermediate activations, and attention scores as SDPA's math
   fallback materialises them: an upper bound where a fused kernel runs), or the VAE's decode or
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .config import NextStepConfig
+from .decoding import cache_slots
 from .model import NextStepModel
 from .sizes import Size, native_area
 from .quantize import QUANTIZATIONS, fp8_supported, quantized_linears, quantized_weight_bytes
@@ -235,7 +236,7 @@ def prompt_tokens(config: NextStepConfig, vae: VAEConfig, workload: Workload) ->
 
 def kv_cache_bytes(config: NextStepConfig, vae: VAEConfig, workload: Workload, size: int) -> int:
     prompt, image_tokens = prompt_tokens(config, vae, workload)
-    slots = prompt + image_tokens
+    slots = cache_slots(prompt + image_tokens)  # as the token loop allocates it
     per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size  # keys and values
     return workload.rows * slots * (per_slot + 1)  # + the bool of which slots hold real tokens
 

@@ -122,17 +122,15 @@ class NextStepPipeline:
         autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=chosen.vae_defaults)
         return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=chosen.name, directory=model_dir)
 
-    def compile(self, mode: str | None = None) -> None:
-        """Compile the flow-head velocity net, the per-token hot spot, with ``torch.compile``.
+    def compile(self, cuda_graph: bool | None = None) -> None:
+        """Compile the whole per-token step (backbone decode, every flow-head step, guidance,
+        use_norm) with ``torch.compile(fullgraph=True)``: one graph per batch shape, compiled the
+        first time that shape runs (minutes on a small CPU, see the README), then reused.
 
-        Opt-in and per instance. ``mode`` defaults to "reduce-overhead" on CUDA (CUDA graphs:
-        one launch per evaluation instead of dozens of small kernels) and "default" elsewhere.
-        Each new batch shape compiles once; on CPU the compile time outweighs the gain for
-        small models (see the README's performance notes).
+        Opt-in and per instance. ``cuda_graph`` (default: on CUDA) also captures the step as a
+        CUDA graph once per batch and replays it for every token, one launch instead of thousands.
         """
-        mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
-        net = self.model.image_head.net
-        net.forward_modulated = torch.compile(net.forward_modulated, mode=mode, dynamic=False)
+        self.engine.compile(self.device.type == "cuda" if cuda_graph is None else cuda_graph)
 
     # ---- what users need to know about the loaded model ------------------------------------
 

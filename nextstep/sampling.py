@@ -8,13 +8,15 @@ Samplers: ``"v1"`` is NextStep-1's (an Euler-Maruyama SDE on a grid that stops a
 1 - LAST_STEP, then one plain Euler step). ``"sde"``, ``"cps"`` and ``"ode"`` are
 NextStep-1.1's: a grid that ends exactly at t = 1, and at each step the velocity's predicted
 noise x0 and predicted image x1 are recombined at the next time, with fresh noise (``sde``,
-``cps``) or without (``ode``).
+``cps``) or without (``ode``). Each is one ``Sampler`` record in ``SAMPLERS``: its time grid,
+its noise draws and its update; ``integrate`` runs any of them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +30,6 @@ LAST_STEP = 0.04
 # fresh noise with weight (1 - t) * sin(a * pi / 2).
 NOISE_LEVEL = 0.8
 CPS_NOISE_WEIGHT = math.sin(NOISE_LEVEL * math.pi / 2)
-SAMPLERS = ("v1", "sde", "cps", "ode")
 CFG_SCHEDULES = ("constant", "linear")
 
 
@@ -69,7 +70,7 @@ def guidance_schedule(
     return [cfg] * total, [cfg_img] * total
 
 
-# ---- time grids and noise ------------------------------------------------------------------
+# ---- time grids ----------------------------------------------------------------------------
 
 
 def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -88,56 +89,155 @@ def time_grid_to_one(steps: int, shift: float) -> torch.Tensor:
     return torch.cat([shifted(torch.linspace(0, 1, steps + 1)[:steps], shift), torch.ones(1)])
 
 
-def time_grid(sampler: str, steps: int, shift: float) -> torch.Tensor:
-    return time_grid_v1(steps, shift) if sampler == "v1" else time_grid_to_one(steps, shift)
+# ---- per-step scalars and updates ------------------------------------------------------------
+# A step's scalars depend on the grid alone: a sampler's ``schedule`` computes them once per grid,
+# each with the reference's float32 operations on 0-d tensors (bit for bit what the reference
+# computes inside its loop), and leaves the per-step update only the tensor operations. Each
+# update keeps the reference's operation order, which the fixtures pin to the last bit.
+
+Coefficients = tuple[torch.Tensor, ...]
 
 
-def noise_draws(sampler: str, steps: int) -> int:
-    """How many noise draws of (B, D) the sampler takes per token, in order: the start noise,
-    then one per stochastic step (v1 has steps - 1 of them; sde and cps draw after every step)."""
-    return {"v1": steps, "sde": steps + 1, "cps": steps + 1, "ode": 1}[sampler]
+def _v1_scalars(t, t_next, t_before_one):
+    dt = t_next - t
+    denominator = (1 - t) ** 2 - t * (-1) * (1 - t)
+    return t, denominator, 1 - t, dt, torch.sqrt(2 * (1 - t)), torch.sqrt(dt)
 
 
-# ---- NextStep-1.1's updates: from (x0, x1) at time ti to time tj -----------------------------
-# Each keeps the reference's operation order, which the fixtures pin to the last bit.
+def _v1_update(x, v, eps, c: Coefficients):
+    # Euler-Maruyama on the score-based SDE; the simplified forms (1+t)v - x and (tv - x)/(1-t)
+    # agree only to float rounding. No scalars: the final plain Euler step of LAST_STEP.
+    if not c:
+        return x + v * LAST_STEP
+    t, denominator, remaining, dt, noise_scale, sqrt_dt = c
+    score = (t * v - x) / denominator
+    drift = v + remaining * score
+    return (x + drift * dt) + noise_scale * (eps * sqrt_dt)
 
 
-def _ode_update(x0, x1, ti, tj, eps, t_before_one):
-    return x0 * (1 - tj) + x1 * tj
+# NextStep-1.1's steps go from ti to tj through the velocity's predicted noise x0 = x - v ti and
+# predicted image x1 = x + v (1 - ti); their scalars start with (ti, 1 - ti).
 
 
-def _cps_update(x0, x1, ti, tj, eps, t_before_one):
+def _ode_scalars(ti, tj, t_before_one):
+    return ti, 1 - ti, 1 - tj, tj
+
+
+def _cps_scalars(ti, tj, t_before_one):
     # At tj = 1 the noise weight is 0: the last step lands exactly on x1 (its noise is still drawn).
     sd = (1 - tj) * CPS_NOISE_WEIGHT
-    return (x0 * torch.sqrt((1 - tj) ** 2 - sd**2) + x1 * tj) + sd * eps
+    return ti, 1 - ti, torch.sqrt((1 - tj) ** 2 - sd**2), tj, sd
 
 
-def _sde_update(x0, x1, ti, tj, eps, t_before_one):
+def _sde_scalars(ti, tj, t_before_one):
     sigma = 1 - ti
     dt = tj - ti
     # At ti = 0 (sigma = 1) the std would divide by zero; the last grid time below 1 stands in.
     sd = torch.sqrt(sigma / (1 - torch.where(sigma == 1, t_before_one, sigma))) * NOISE_LEVEL
-    x = (x0 * (1 - tj) + x1 * tj) - ((sd**2 * dt) / (2 * sigma)) * x0
-    return x + (sd * torch.sqrt(dt)) * eps
+    return ti, sigma, 1 - tj, tj, (sd**2 * dt) / (2 * sigma), sd * torch.sqrt(dt)
 
 
-_UPDATES = {"ode": _ode_update, "cps": _cps_update, "sde": _sde_update}
+def _ode_update(x, v, eps, c: Coefficients):
+    ti, one_minus_ti, one_minus_tj, tj = c
+    x0, x1 = x - v * ti, x + v * one_minus_ti
+    return x0 * one_minus_tj + x1 * tj
+
+
+def _cps_update(x, v, eps, c: Coefficients):
+    ti, one_minus_ti, x0_weight, tj, sd = c
+    x0, x1 = x - v * ti, x + v * one_minus_ti
+    return (x0 * x0_weight + x1 * tj) + sd * eps
+
+
+def _sde_update(x, v, eps, c: Coefficients):
+    ti, one_minus_ti, one_minus_tj, tj, x0_drift, noise_scale = c
+    x0, x1 = x - v * ti, x + v * one_minus_ti
+    x = (x0 * one_minus_tj + x1 * tj) - x0_drift * x0
+    return x + noise_scale * eps
+
+
+# ---- the registry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler: its time grid, its noise draws and its update.
+
+    Evaluation i of the velocity is at ``grid[i]`` and steps to ``grid[i + 1]``; with
+    ``final_euler_step`` one more evaluation at the grid's last point takes a plain Euler step of
+    LAST_STEP. Noise draw 0 is the start noise and draw i + 1 belongs to step i; steps past the
+    last draw get ``eps=None``.
+    """
+
+    name: str
+    time_grid: Callable[[int, float], torch.Tensor]  # (steps, shift) -> grid times
+    noise_draws: Callable[[int], int]  # steps -> draws of (B, D) per token
+    scalars: Callable[..., Coefficients]  # (ti, tj, the grid's last time below 1) -> the step's scalars
+    update: Callable[..., torch.Tensor]  # (x, guided v, eps or None, scalars) -> next x
+    final_euler_step: bool = False
+
+    def schedule(self, grid: torch.Tensor) -> list[Coefficients]:
+        """Each velocity evaluation's scalars, in order."""
+        times = grid.unbind()
+        t_before_one = times[-2] if len(times) > 1 else None  # used only by grids that end at 1
+        steps = [self.scalars(ti, tj, t_before_one) for ti, tj in zip(times, times[1:])]
+        return steps + [()] if self.final_euler_step else steps
+
+
+SAMPLERS = {  # by name; v1 draws no noise for its last step, ode none after the start
+    "v1": Sampler("v1", time_grid_v1, lambda steps: steps, _v1_scalars, _v1_update, final_euler_step=True),
+    "sde": Sampler("sde", time_grid_to_one, lambda steps: steps + 1, _sde_scalars, _sde_update),
+    "cps": Sampler("cps", time_grid_to_one, lambda steps: steps + 1, _cps_scalars, _cps_update),
+    "ode": Sampler("ode", time_grid_to_one, lambda steps: 1, _ode_scalars, _ode_update),
+}
+
+
+def time_grid(sampler: str, steps: int, shift: float) -> torch.Tensor:
+    return SAMPLERS[sampler].time_grid(steps, shift)
+
+
+def noise_draws(sampler: str, steps: int) -> int:
+    """How many noise draws of (B, D) the sampler takes per token (see ``Sampler``)."""
+    return SAMPLERS[sampler].noise_draws(steps)
 
 
 def step_to(
     sampler: str, x: torch.Tensor, v: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor,
     eps: torch.Tensor | None, t_before_one: torch.Tensor,
 ) -> torch.Tensor:
-    """One step of a NextStep-1.1 sampler from time ti to tj, given the guided velocity v at (x, ti).
+    """One step from time ti to tj, given the guided velocity v at (x, ti).
 
     eps: this step's noise (None for ode); t_before_one: the grid's last time below 1.
     """
-    x0 = x - v * ti  # predicted noise
-    x1 = x + v * (1 - ti)  # predicted image
-    return _UPDATES[sampler](x0, x1, ti, tj, eps, t_before_one)
+    record = SAMPLERS[sampler]
+    return record.update(x, v, eps, record.scalars(ti, tj, t_before_one))
 
 
 # ---- sampling one token --------------------------------------------------------------------
+
+
+def guided(velocity_at: VelocityAt, branches: int, cfg, cfg_img) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``(x, i) -> v``: the guided velocity (B, D) at x (B, D) and grid time i, every branch's rows
+    evaluated in one batch; cfg, cfg_img: floats, or (B, 1) tensors for per-image guidance."""
+
+    def guided_velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        return guide(velocity_at(torch.cat([x] * branches), i), branches, cfg, cfg_img)
+
+    return guided_velocity
+
+
+def integrate(
+    sampler: Sampler, schedule: list[Coefficients], guided_velocity: Callable[[torch.Tensor, int], torch.Tensor],
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Sample one token per image with ``sampler``'s update: ``guided_velocity`` as ``guided``'s,
+    schedule: ``sampler.schedule(grid)``; noise: (draws, B, D)."""
+    draws = noise.unbind()
+    x = draws[0]
+    for i, coefficients in enumerate(schedule):
+        eps = draws[i + 1] if i + 1 < len(draws) else None
+        x = sampler.update(x, guided_velocity(x, i), eps, coefficients)
+    return x
 
 
 def sample_token(
@@ -155,39 +255,5 @@ def sample_token(
     (``FlowMatchingHead.velocity_field``); noise: (noise_draws, B, D); grid: ``time_grid(sampler, ...)``;
     cfg, cfg_img: floats, or (B, 1) tensors for per-image guidance.
     """
-
-    def guided_velocity(x: torch.Tensor, i: int) -> torch.Tensor:
-        return guide(velocity_at(torch.cat([x] * branches), i), branches, cfg, cfg_img)
-
-    if sampler == "v1":
-        return _sample_v1(guided_velocity, noise, grid)
-    x, stochastic = noise[0], noise.shape[0] > 1
-    steps = grid.shape[0] - 1
-    t_before_one = grid[steps - 1]
-    for i in range(steps):
-        ti, tj = grid[i], grid[i + 1]
-        eps = noise[i + 1] if stochastic else None  # ode draws only the start noise
-        x = step_to(sampler, x, guided_velocity(x, i), ti, tj, eps, t_before_one)
-    return x
-
-
-def _sample_v1(guided_velocity, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    # Euler-Maruyama on the score-based SDE, written in the reference's operation order (the
-    # simplified forms (1+t)v - x and (tv - x)/(1-t) agree only to float rounding). The per-step
-    # scalars depend on the grid alone: computed for all steps at once, they round the same way
-    # and spare the loop a dozen tiny tensor operations per step.
-    t, dt = grid[:-1], grid[1:] - grid[:-1]
-    times = t.unbind()
-    denominators = ((1 - t) ** 2 - t * (-1) * (1 - t)).unbind()
-    remaining = (1 - t).unbind()
-    dts = dt.unbind()
-    noise_scales = torch.sqrt(2 * (1 - t)).unbind()
-    sqrt_dts = torch.sqrt(dt).unbind()
-    draws = noise.unbind()
-    x = draws[0]
-    for i in range(grid.shape[0] - 1):
-        v = guided_velocity(x, i)
-        score = (times[i] * v - x) / denominators[i]
-        drift = v + remaining[i] * score
-        x = (x + drift * dts[i]) + noise_scales[i] * (draws[i + 1] * sqrt_dts[i])
-    return x + guided_velocity(x, grid.shape[0] - 1) * LAST_STEP
+    record = SAMPLERS[sampler]
+    return integrate(record, record.schedule(grid), guided(velocity_at, branches, cfg, cfg_img), noise)

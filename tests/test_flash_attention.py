@@ -1,4 +1,5 @@
-"""The flash-attn 2 path (CUDA only) is wired to the cache as SDPA is.
+"""The flash-attn 2 path (CUDA only) is wired to the cache as SDPA is; without it, grouped KV
+heads reach SDPA in a form its fused CUDA kernels take.
 
 flash-attn cannot run here, so a stand-in module computes what its two functions are
 documented to compute (variable-length causal attention; attention over a KV cache read from
@@ -8,9 +9,12 @@ module must give the hidden states it gives with SDPA, padding and all.
 
 import types
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nextstep.backbone import StaticKVCache
+from nextstep.backbone import StaticKVCache, attention_mask, grouped_attention
 
 
 def _attend(q, k, v, causal_offset):
@@ -66,3 +70,34 @@ def test_flash_path_matches_sdpa(tiny_pipe):
     assert (flash[0] - reference[0])[valid].abs().max() <= 1e-5  # prefill: real tokens only
     for mine, expected in zip(flash[1:], reference[1:]):
         assert (mine - expected).abs().max() <= 1e-5
+
+
+def grouped_inputs(device, dtype, queries):
+    """q for 8 heads over 2 KV heads, a left-padded cache of 12 slots and the cache's mask."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 8, queries, 16, generator=generator)
+    k, v = (torch.randn(3, 2, 12, 16, generator=generator) for _ in range(2))
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, :3] = False
+    slots = torch.arange(12 - queries, 12)
+    mask = attention_mask(slots, torch.arange(12), valid)
+    return [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in (q, k, v, mask)]
+
+
+@pytest.mark.parametrize("queries", [1, 5])  # a decode step, a prefill
+def test_grouped_attention_equals_sdpa_with_enable_gqa(queries):
+    q, k, v, mask = grouped_inputs("cpu", torch.float32, queries)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (grouped_attention(q, k, v, mask) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("queries", [1, 5])
+def test_grouped_attention_runs_on_the_memory_efficient_kernel(queries):
+    """Only the memory-efficient kernel allowed: SDPA raises if it refuses these inputs (as it does
+    ``enable_gqa`` with a mask), instead of silently taking the math fallback."""
+    q, k, v, mask = grouped_inputs("cuda", torch.bfloat16, queries)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = grouped_attention(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert (out.float() - expected).abs().max() <= 2e-2

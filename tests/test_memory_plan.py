@@ -12,6 +12,7 @@ import torch
 from nextstep import NextStepPipeline, bench
 from nextstep.bench import _BACKBONE_BASE, CONFIGS
 from nextstep.config import NextStepConfig
+from nextstep.decoding import cache_slots
 from nextstep.memory import (
     GIB, MEMORY_LIMIT, NotEnoughMemoryError, Workload, combine, free_memory, parse_bytes, plan, prompt_tokens,
 )
@@ -56,8 +57,8 @@ def test_kv_cache_is_what_the_static_cache_allocates():
     vae = VAEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
     for workload in (Workload.text_to_image("128x64"), Workload.edit("64x64", images=2)):
         prompt, image_tokens = prompt_tokens(model.config, vae, workload)
-        cache = model.new_cache(workload.rows, prompt + image_tokens)
-        allocated = sum(t.numel() * t.element_size() for t in (cache.keys, cache.values, cache.key_valid))
+        cache = model.new_cache(workload.rows, cache_slots(prompt + image_tokens))
+        allocated = sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values, cache.key_valid))
         counted = plan(model.config, vae, torch.float32, None, "cpu", workload).kv_cache_bytes
         assert counted == allocated
 
