@@ -13,7 +13,7 @@ import os
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:  # On Hugging Face ZeroGPU Spaces; it must be imported before anything touches CUDA.
@@ -31,28 +31,35 @@ import gradio as gr
 from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
 from nextstep.devices import DTYPES, pick_device, pick_dtype, set_threads
 from nextstep.inputs import clean_text, load_image, number
+from nextstep.memory import NotEnoughMemoryError, combine
+from nextstep.pipeline import memory_plan
+from nextstep.quantize import QUANTIZATIONS
 from nextstep.sampling import SAMPLERS
 from nextstep.scheduler import Busy, GenerationFailed, Ticket
-from nextstep.serving import SharedPipeline, describe, load_examples, tile
-from nextstep.settings import MAX_DRAWN_SEED
+from nextstep.pnginfo import read_parameters, with_parameters
+from nextstep.serving import (
+    HistoryEntry, SharedPipeline, add_to_history, describe, load_examples, tile,
+)
+from nextstep.settings import MAX_DRAWN_SEED, SETTINGS
 from nextstep.sizes import Size, closest_size
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "assets/shapes-model"
-EXAMPLES = ROOT / "assets" / "examples" / "examples.json"  # prompts and edits checked against that model
+EXAMPLES = ROOT / "assets" / "examples"
+# Which examples fit which model, by the name it is loaded under (a Hub id, or a directory named
+# like the release). Any other model shows none rather than examples meant for another.
+SHAPES_EXAMPLES = EXAMPLES / "examples.json"  # checked against the embedded model
+OFFICIAL_EXAMPLES = EXAMPLES / "official.json"
+OFFICIAL_RELEASES = ("NextStep-1-Large", "NextStep-1-Large-Edit", "NextStep-1-Large-Pretrain", "NextStep-1.1")
 MAX_QUEUE = 16  # requests waiting for the model; more are turned away with a message
 MODEL_QUEUE = "model"  # every event that runs a model shares one queue
 # Requests in flight at once: the scheduler decodes compatible ones in one token loop, so up to
 # a batch of them hand their work to it together instead of one at a time.
 MAX_BATCH = 8
-# Shown when no checked examples ship with the app.
-FALLBACK_PROMPTS = [
-    {"prompt": "a red circle on a white background", "seed": 0},
-    {"prompt": "a blue square and a yellow triangle", "seed": 0},
-]
 PREVIEW_MODES = [("Exact", "vae"), ("Fast", "fast"), ("Off", "none")]
 SCHEDULES = [("Constant", "constant"), ("Linear", "linear")]
 STOPPED = "Stopped."
+UNDO_DEPTH = 20  # edits the chain can step back
 # Small images fill the preview box, with crisp pixels rather than a blur.
 CSS = ".live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 NO_EDIT_MODEL = (
@@ -68,22 +75,49 @@ class Services:
     generator: SharedPipeline
     editor: SharedPipeline | None
     vae: str | None = None
+    examples: dict = field(default_factory=lambda: {"text_to_image": [], "edit": []})
+
+
+def examples_for(model: str) -> Path | None:
+    """The examples file that fits a model, or None."""
+    path = Path(model)
+    if path.is_dir() and path.resolve() == (ROOT / DEFAULT_MODEL).resolve():
+        return SHAPES_EXAMPLES
+    return OFFICIAL_EXAMPLES if path.name in OFFICIAL_RELEASES else None
 
 
 def load_services(
     model: str, edit_model: str | None, vae: str | None, device: str | None, dtype: str | None,
-    frame_interval: float = 0.25,
+    frame_interval: float = 0.25, *, quantize: str | None = None, edit_device: str | None = None,
+    compile: bool = False,
 ) -> Services:
+    """Load the page's models; before any weight is read, check that they fit their devices
+    together (``NotEnoughMemoryError`` otherwise, naming the need and the options)."""
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
-    main = NextStepPipeline.from_pretrained(model, vae=vae, device=device, dtype=torch_dtype)
+    second = edit_model if edit_model and edit_model != model else None
+    edit_device = edit_device or device
+    plans = {device: [memory_plan(model, device, torch_dtype, quantize, vae)]}
+    if second:
+        plans.setdefault(edit_device, []).append(memory_plan(second, edit_device, torch_dtype, quantize, vae))
+    for on_device in plans.values():
+        combine(on_device).check()
+    main = NextStepPipeline.from_pretrained(model, vae=vae, device=device, dtype=torch_dtype, quantize=quantize,
+                                            check_memory=False)
+    if compile:
+        main.compile()
     generator = SharedPipeline(main, frame_interval)
-    if edit_model and edit_model != model:
-        editing = NextStepPipeline.from_pretrained(edit_model, vae=vae, device=device, dtype=torch_dtype)
+    if second:
+        editing = NextStepPipeline.from_pretrained(second, vae=vae, device=edit_device, dtype=torch_dtype,
+                                                   quantize=quantize, check_memory=False)
+        if compile:
+            editing.compile()
         editor = SharedPipeline(editing, frame_interval)
     else:
         editor = generator if main.supports_images else None
-    return Services(generator, editor, vae)
+    examples = {"text_to_image": load_examples(examples_for(model))["text_to_image"],
+                "edit": load_examples(examples_for(edit_model or model))["edit"]}
+    return Services(generator, editor, vae, examples)
 
 
 # ---- the sampling controls: one table, keyed by request field -------------------------------
@@ -135,9 +169,11 @@ CONTROLS = {
     "seed": Control("Settings", 6, lambda t: CheckedNumber(
         value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label="Seed", elem_id=f"{t.prefix}-seed")),
     "negative_prompt": Control("Prompts", 0, lambda t: gr.Textbox(
-        value=t.defaults["negative_prompt"], label="Negative prompt", placeholder="What the image should avoid")),
+        value=t.defaults["negative_prompt"], label="Negative prompt", placeholder="What the image should avoid",
+        elem_id=f"{t.prefix}-negative")),
     "positive_prompt": Control("Prompts", 1, lambda t: gr.Textbox(
-        value=t.defaults["positive_prompt"], label="Positive (style) prompt", placeholder="Appended to the prompt")),
+        value=t.defaults["positive_prompt"], label="Positive (style) prompt", placeholder="Appended to the prompt",
+        elem_id=f"{t.prefix}-positive")),
 }
 
 
@@ -322,6 +358,37 @@ async def stream_to_page(service: SharedPipeline, record: dict, prompt: str, ima
         raise
 
 
+async def final_image_of(service: SharedPipeline, prompt: str, image, settings: dict):
+    """The finished picture of one request (several images side by side), carrying its parameters."""
+    images = None
+    async for _, gallery, *_ in stream_to_page(service, {"outcome": "running", "ticket": None}, prompt, image,
+                                               preview="none", preview_every=1, **settings):
+        images = gallery or images
+    # One request's images share its parameters: a sheet of several carries them too.
+    return images[0] if len(images) == 1 else with_parameters(tile(images), read_parameters(images[0]))
+
+
+# What the tools' parameters mean, for agents (MCP lists these; the sliders add their ranges).
+PAGE_PARAMETERS = {
+    "prompt": "what the image should show, or for an edit what to change",
+    "image": "the picture to edit (a file)",
+    "randomize_seed": "draw a fresh seed (true) or use the given seed (false)",
+}
+
+
+def tool_description(summary: str, names: list[str]) -> str:
+    """A docstring in the layout Gradio reads tool and parameter descriptions from."""
+    lines = [f"    {name}: {PAGE_PARAMETERS.get(name) or SETTINGS[name].help}" for name in names]
+    return summary + "\n\nArgs:\n" + "\n".join(lines)
+
+
+def hidden_from_mcp(handler: Callable) -> None:
+    """Gradio offers every public endpoint as an MCP tool unless its function is marked as
+    something else (the attribute its ``gr.mcp`` decorators set). The page's streaming handlers
+    answer with frames an agent cannot use; ``generate_image`` and ``edit_image`` serve agents."""
+    handler._mcp_type = "page"
+
+
 def after_run(book: RunBook, tab: str) -> Callable:
     """The follow-up listener of a tab's runs: "Stopped." once a stopped request has left the
     model, else nothing."""
@@ -349,17 +416,94 @@ def model_panel(services: Services) -> None:
     rows = [("Generate", services.generator.pipe)]
     if services.editor is not None and services.editor is not services.generator:
         rows.append(("Edit", services.editor.pipe))
-    lines = ["| Tab | Checkpoint | Family | Device | dtype | Parameters |", "|---|---|---|---|---|---|"]
+    lines = ["| Tab | Checkpoint | Family | Device | dtype | Quantization | Parameters |",
+             "|---|---|---|---|---|---|---|"]
     for tab, pipe in rows:
         info = describe(pipe)
         lines.append(f"| {tab} | `{info['checkpoint']}` | {info['family']} | {info['device']} | {info['dtype']} "
-                     f"| {info['parameters']} |")
+                     f"| {info['quantization']} | {info['parameters']} |")
     if services.editor is services.generator:
         lines.append("\nThe Edit tab uses the same model.")
     if services.vae:
         lines.append(f"\nVAE: `{services.vae}`")
     with gr.Accordion("Model", open=False):
         gr.Markdown("\n".join(lines), elem_id="model-panel")
+
+
+# ---- reuse: the history, settings from a PNG, the edit chain ---------------------------------
+
+
+@dataclass
+class Tab:
+    """One tab's widgets that a saved result can be turned back into."""
+
+    name: str  # "generate" or "edit"
+    prompt: gr.Textbox
+    controls: TabControls
+    sizes: list[Size]
+    image: gr.Image | None = None  # the Edit tab's input
+
+    def components(self) -> list:
+        return [self.prompt, *self.controls.settings.values(), self.controls.randomize_seed,
+                *([self.image] if self.image is not None else [])]
+
+    def filled(self, parameters: dict, input_image=None) -> dict:
+        """Updates that set this tab's controls to ``parameters`` (a result's), seed included."""
+        updates = {self.prompt: parameters.get("prompt", ""), self.controls.randomize_seed: False}
+        for name, control in self.controls.settings.items():
+            if name not in parameters:
+                continue
+            value = parameters[name]
+            if name == "size" and Size.parse(value) not in self.sizes:
+                gr.Warning(f"This model does not offer the size {value}; the size was left as it is.")
+                continue
+            updates[control] = value
+        if self.image is not None and input_image is not None:
+            updates[self.image] = input_image
+        return updates
+
+
+def settings_from_png(path: str | None, generate_tab: Tab, edit_tab: Tab) -> dict:
+    """The controls of the tab that made a PNG, filled with the settings it carries."""
+    if path is None:
+        return {}
+    try:
+        parameters = read_parameters(path)
+    except ValueError as error:
+        raise gr.Error(f"That PNG's settings could not be read: {error}") from None
+    except OSError:
+        raise gr.Error("That file could not be read as a PNG.") from None
+    if not parameters:
+        raise gr.Error("That picture carries no NextStep settings: only PNGs made by this app or its "
+                       "command line do (or ones with AUTOMATIC1111-style parameters).")
+    tab = edit_tab if parameters.get("edit") else generate_tab
+    gr.Info(f"Settings loaded into the {tab.name.capitalize()} tab.")
+    return {**tab.filled(parameters), TABS_KEY: gr.Tabs(selected=tab.name)}
+
+
+TABS_KEY = "tabs"  # stands for the page's gr.Tabs in update dicts until the page exists
+
+
+def history_panel() -> tuple:
+    with gr.Accordion("History of this session", open=True):
+        gallery = gr.Gallery(label="Your results, newest first (this browser tab only)", columns=8,
+                             fit_columns=False, height=200, object_fit="contain", allow_preview=False,
+                             interactive=False, elem_id="history-gallery")
+        with gr.Row():
+            use_settings = gr.Button("Use these settings", elem_id="history-use", interactive=False)
+            edit_this = gr.Button("Edit this", elem_id="history-edit", interactive=False)
+        chosen = gr.JSON(label="Settings of the chosen result", elem_id="history-parameters")
+        png = gr.UploadButton("Load settings from a PNG…", file_types=[".png"], type="filepath", size="sm",
+                              elem_id="settings-png")
+    return gallery, use_settings, edit_this, chosen, png
+
+
+def history_pictures(history: list[HistoryEntry]) -> list:
+    return [(entry.image, entry.caption) for entry in history]
+
+
+def push_undo(stack: list, current) -> list:
+    return [*stack, current][-UNDO_DEPTH:] if current is not None else stack
 
 
 # ---- the page -----------------------------------------------------------------------------
@@ -371,7 +515,7 @@ def build_demo(services: Services) -> gr.Blocks:
     edit_pipe = (editor or generator).pipe
     generate_context = TabContext("generate", generator.pipe.defaults(edit=False), generator.pipe.engine.sizes(False))
     edit_context = TabContext("edit", edit_pipe.defaults(edit=True), edit_pipe.engine.sizes(True))
-    examples = load_examples(EXAMPLES)
+    examples = services.examples
     book = RunBook()
     with gr.Blocks(title="NextStep Studio", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(
@@ -389,7 +533,8 @@ def build_demo(services: Services) -> gr.Blocks:
                         generate_controls = sampling_controls(generate_context, edit=False)
                     with gr.Column(scale=3):
                         generate_results = result_panel("generate")
-                        send_to_edit = gr.Button("Send to Edit", elem_id="send-to-edit", interactive=editor is not None)
+                        send_to_edit = gr.Button("Send to Edit", elem_id="send-to-edit",
+                                                 interactive=editor is not None)
             with gr.Tab("Edit", id="edit"):
                 if editor is None:
                     gr.Markdown(f"**{NO_EDIT_MODEL}**", elem_id="edit-unavailable")
@@ -405,15 +550,26 @@ def build_demo(services: Services) -> gr.Blocks:
                         edit_controls = sampling_controls(edit_context, edit=True)
                     with gr.Column(scale=3):
                         edit_results = result_panel("edit")
-                        use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
+                        compare = gr.ImageSlider(label="Before / after", type="filepath", interactive=False,
+                                                 max_height=360, elem_id="edit-compare")
+                        with gr.Row():
+                            use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
+                            undo = gr.Button("Undo last edit", elem_id="edit-undo")
+        history_gallery, use_settings, edit_this, chosen_parameters, settings_png = history_panel()
         model_panel(services)
+        history = gr.State([])  # this session's HistoryEntry list, newest first
+        chosen = gr.State(None)  # the HistoryEntry picked in the history gallery
+        undo_stack = gr.State([])  # earlier inputs of the edit chain, latest last
+        generate_tab = Tab("generate", prompt, generate_controls, generate_context.sizes)
+        edit_tab = Tab("edit", instruction, edit_controls, edit_context.sizes, input_image)
         # Examples set the seed they were checked with, so they reproduce.
         generate_seed, edit_seed = generate_controls.settings["seed"], edit_controls.settings["seed"]
-        with generate_examples:
-            prompts = examples["text_to_image"] or FALLBACK_PROMPTS
-            gr.Examples([[e["prompt"], e["seed"], False] for e in prompts],
-                        inputs=[prompt, generate_seed, generate_controls.randomize_seed],
-                        example_labels=[e["prompt"] for e in prompts], examples_per_page=6, cache_examples=False)
+        if examples["text_to_image"]:
+            with generate_examples:
+                gr.Examples([[e["prompt"], e["seed"], False] for e in examples["text_to_image"]],
+                            inputs=[prompt, generate_seed, generate_controls.randomize_seed],
+                            example_labels=[e["prompt"] for e in examples["text_to_image"]], examples_per_page=6,
+                            cache_examples=False)
         if examples["edit"]:
             with edit_examples:
                 gr.Examples([[e["image"], e["instruction"], e["seed"], False] for e in examples["edit"]],
@@ -423,12 +579,23 @@ def build_demo(services: Services) -> gr.Blocks:
 
         @on_gpu
         async def generate(prompt, request: gr.Request, **settings):
+            """Generate images from a text prompt with NextStep-1.
+
+            Args:
+                prompt: what the picture should show
+            """
             record = book.start((request.session_hash, "generate"))
             async for frame in stream_to_page(generator, record, prompt, None, **settings):
                 yield frame
 
         @on_gpu
         async def edit(image, prompt, request: gr.Request, **settings):
+            """Edit an image by an instruction with NextStep-1.
+
+            Args:
+                image: the picture to edit
+                prompt: the instruction: what to change
+            """
             record = book.start((request.session_hash, "edit"))
             if editor is None:
                 raise gr.Error(NO_EDIT_MODEL)
@@ -436,6 +603,23 @@ def build_demo(services: Services) -> gr.Blocks:
                 raise gr.Error("Add an input image first (upload, paste or take a photo).")
             async for frame in stream_to_page(editor, record, prompt, image, **settings):
                 yield frame
+
+        async def generate_image(prompt, **settings):
+            return await final_image_of(generator, prompt, None, settings)
+
+        async def edit_image(image, prompt, **settings):
+            if editor is None:
+                raise gr.Error(NO_EDIT_MODEL)
+            if image is None:
+                raise gr.Error("Give an input image to edit.")
+            return await final_image_of(editor, prompt, image, settings)
+
+        generate_image.__doc__ = tool_description("Generate an image from a text prompt with NextStep-1.",
+                                                  ["prompt", *generate_controls.settings, "randomize_seed"])
+        edit_image.__doc__ = tool_description("Edit an image by an instruction with NextStep-1.",
+                                              ["image", "prompt", *edit_controls.settings, "randomize_seed"])
+        for page_handler in (generate, edit):
+            hidden_from_mcp(page_handler)
 
         generation = gr.on(
             [generate_button.click, prompt.submit], generate, [],
@@ -449,16 +633,59 @@ def build_demo(services: Services) -> gr.Blocks:
             api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=MAX_BATCH, show_progress="minimal",
             show_progress_on=[edit_results.status],
         )
+        # For agents (MCP, and API clients that want one answer): the same requests, the final image only.
+        final_image = gr.Image(visible=False, format="png")
+        gr.on([], generate_image, [], final_image, api_name="generate_image", concurrency_id=MODEL_QUEUE,
+              inputs_kwargs=dict(prompt=prompt, **generate_controls.settings,
+                                 randomize_seed=generate_controls.randomize_seed))
+        gr.on([], edit_image, [], final_image, api_name="edit_image", concurrency_id=MODEL_QUEUE,
+              inputs_kwargs=dict(image=input_image, prompt=instruction, **edit_controls.settings,
+                                 randomize_seed=edit_controls.randomize_seed))
         for tab, stop, event, results in (("generate", generate_stop, generation, generate_results),
                                           ("edit", edit_stop, editing, edit_results)):
             stop.click(None, None, None, cancels=[event], queue=False, api_visibility="private")
             event.then(after_run(book, tab), None, results.status, queue=False, api_visibility="private")
 
-        send_to_edit.click(lambda gallery, index: (picked_image(gallery, index), gr.Tabs(selected="edit")),
-                           [generate_results.gallery, generate_results.selected], [input_image, tabs],
-                           api_visibility="private")
-        use_as_input.click(picked_image, [edit_results.gallery, edit_results.selected], input_image,
-                           api_visibility="private")
+        # The history: every finished result of this session, with its settings.
+        generation.success(lambda gallery, entries: remembered(entries, "generate", gallery),
+                           [generate_results.gallery, history], [history, history_gallery], api_visibility="private")
+        editing.success(lambda gallery, entries, source: remembered(entries, "edit", gallery, source),
+                        [edit_results.gallery, history, input_image], [history, history_gallery],
+                        api_visibility="private")
+        history_gallery.select(choose_entry, history, [chosen, chosen_parameters, use_settings, edit_this],
+                               api_visibility="private")
+        all_controls = {*generate_tab.components(), *edit_tab.components(), tabs}
+
+        def use_entry(entry: HistoryEntry | None) -> dict:
+            if entry is None:
+                raise gr.Error("Choose a result in the history first.")
+            tab = edit_tab if entry.tab == "edit" else generate_tab
+            return {**tab.filled(entry.parameters, entry.input_image), tabs: gr.Tabs(selected=tab.name)}
+
+        use_settings.click(use_entry, chosen, all_controls, api_visibility="private")
+        edit_this.click(lambda entry, current, stack: (entry.image, push_undo(stack, current), gr.Tabs(selected="edit")),
+                        [chosen, input_image, undo_stack], [input_image, undo_stack, tabs], api_visibility="private")
+
+        def load_png(path):
+            updates = settings_from_png(path, generate_tab, edit_tab)
+            if TABS_KEY in updates:
+                updates[tabs] = updates.pop(TABS_KEY)
+            return updates
+
+        settings_png.upload(load_png, settings_png, all_controls, api_visibility="private")
+
+        # The edit chain: before / after, a result as the next input, and back one step.
+        editing.success(lambda source, gallery: (source, gallery[0][0]) if gallery else gr.skip(),
+                        [input_image, edit_results.gallery], compare, api_visibility="private")
+        send_to_edit.click(lambda gallery, index, current, stack: (picked_image(gallery, index),
+                                                                   push_undo(stack, current), gr.Tabs(selected="edit")),
+                           [generate_results.gallery, generate_results.selected, input_image, undo_stack],
+                           [input_image, undo_stack, tabs], api_visibility="private")
+        use_as_input.click(lambda gallery, index, current, stack: (picked_image(gallery, index),
+                                                                   push_undo(stack, current)),
+                           [edit_results.gallery, edit_results.selected, input_image, undo_stack],
+                           [input_image, undo_stack], api_visibility="private")
+        undo.click(undo_edit, undo_stack, [input_image, undo_stack], api_visibility="private")
         # A new input image picks the output size nearest to its aspect ratio, near the default area.
         edit_area = edit_context.defaults["size"].area
 
@@ -469,6 +696,24 @@ def build_demo(services: Services) -> gr.Blocks:
         input_image.change(size_for_input, input_image, edit_controls.settings["size"], api_visibility="private")
     demo.queue(max_size=MAX_QUEUE)
     return demo
+
+
+def remembered(history: list[HistoryEntry], tab: str, gallery: list | None, source: str | None = None):
+    entries = add_to_history(history, tab, [path for path, _caption in gallery or []], source)
+    return entries, history_pictures(entries)
+
+
+def choose_entry(history: list[HistoryEntry], event: gr.SelectData):
+    entry = history[event.index] if event.index < len(history) else None
+    enabled = gr.Button(interactive=entry is not None)
+    return entry, entry.parameters if entry else None, enabled, enabled
+
+
+def undo_edit(stack: list):
+    if not stack:
+        gr.Info("Nothing to undo: the input is where the edit chain started.")
+        return gr.skip(), stack
+    return stack[-1], stack[:-1]
 
 
 def serve(demo: gr.Blocks, host: str, port: int, **options):
@@ -490,6 +735,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="VAE directory or Hub id [env NEXTSTEP_VAE; default: the model's own]")
     parser.add_argument("--device", default=env("NEXTSTEP_DEVICE"),
                         help="cuda, cpu, cuda:1, … [env NEXTSTEP_DEVICE; default: cuda when available]")
+    parser.add_argument("--edit-device", default=env("NEXTSTEP_EDIT_DEVICE"),
+                        help="device for --edit-model, such as cuda:1 [env NEXTSTEP_EDIT_DEVICE; default: --device]")
+    parser.add_argument("--quantize", default=env("NEXTSTEP_QUANTIZE"), choices=QUANTIZATIONS,
+                        help="weight-only quantization of the backbone: int8 (any device), fp8 (GPUs of compute "
+                             "capability 8.9+) [env NEXTSTEP_QUANTIZE; default: none]")
     parser.add_argument("--dtype", default=env("NEXTSTEP_DTYPE"), choices=list(DTYPES),
                         help="[env NEXTSTEP_DTYPE; default: bfloat16 on GPU, float32 on CPU]")
     parser.add_argument("--threads", type=int, default=int(env("NEXTSTEP_THREADS", "0")) or None,
@@ -499,6 +749,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="[env GRADIO_SERVER_NAME; default 127.0.0.1]")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
                         help="[env GRADIO_SERVER_PORT; default 7860]")
+    parser.add_argument("--compile", action="store_true", default=env("NEXTSTEP_COMPILE") == "1",
+                        help="compile the per-token step (and capture it as a CUDA graph on CUDA): each batch "
+                             "shape compiles on first use, then runs faster [env NEXTSTEP_COMPILE=1; default: off]")
+    parser.add_argument("--mcp", action="store_true", default=env("NEXTSTEP_MCP") == "1",
+                        help="also serve /generate and /edit as MCP tools for agents, at /gradio_api/mcp/ "
+                             "[env NEXTSTEP_MCP=1; default: off]")
     args = parser.parse_args(argv)
     if args.model is None:
         default = ROOT / DEFAULT_MODEL
@@ -515,10 +771,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(pick_device(args.device), args.threads)
     try:
-        services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype)
+        services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype,
+                                 quantize=args.quantize, edit_device=args.edit_device, compile=args.compile)
+    except NotEnoughMemoryError as error:
+        sys.exit(f"app.py: error: {error}")
     except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
         sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
-    serve(build_demo(services), args.host, args.port)
+    serve(build_demo(services), args.host, args.port, mcp_server=args.mcp)
 
 
 if __name__ == "__main__":

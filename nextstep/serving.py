@@ -1,7 +1,8 @@
 """The web layer's side of the package: one loaded pipeline streamed to the many users of a page.
 
 What a page needs besides widgets: progress frames throttled to a few a second with a status line,
-results whose PNGs carry their parameters, the model panel's facts, and the checked examples.
+results whose PNGs carry their parameters, a bounded history of one browser session's results, the
+model panel's facts, and the checked examples.
 Sizes, settings and PNG parameters themselves live in ``nextstep.sizes``, ``nextstep.settings``
 and ``nextstep.pnginfo``, shared with the CLI and the bench.
 """
@@ -19,29 +20,29 @@ from PIL import Image
 
 from .engine import GenerationResult
 from .pipeline import NextStepPipeline
-from .pnginfo import with_parameters
+from .pnginfo import read_parameters, with_parameters
 from .scheduler import Scheduler, Ticket
 
 
 def describe(pipe: NextStepPipeline) -> dict[str, str]:
-    """What a model panel shows: checkpoint, device, dtype and parameter count."""
+    """What a model panel shows: checkpoint, device, dtype, weight quantization and parameter count."""
     count = sum(p.numel() for p in pipe.model.parameters()) + sum(p.numel() for p in pipe.vae.parameters())
     return {
         "checkpoint": pipe.name,
         "family": pipe.family,
         "device": str(pipe.device),
         "dtype": str(pipe.model.dtype).removeprefix("torch."),
+        "quantization": pipe.model.quantization or "none",
         "parameters": human_count(count),
     }
 
 
-def load_examples(path: Path) -> dict[str, list[dict]]:
+def load_examples(path: Path | None) -> dict[str, list[dict]]:
     """``{"text_to_image": [{"prompt", "seed"}, …], "edit": [{"image", "instruction", "seed"}, …]}``
-    from an examples.json (image paths made absolute), or empty lists without one."""
-    path = Path(path)
-    examples = json.loads(path.read_text()) if path.is_file() else {}
+    from an examples file (image paths made absolute), or empty lists without one."""
+    examples = json.loads(Path(path).read_text()) if path is not None and Path(path).is_file() else {}
     for example in examples.get("edit", []):
-        example["image"] = str(path.parent / example["image"])
+        example["image"] = str(Path(path).parent / example["image"])
     return {kind: examples.get(kind, []) for kind in ("text_to_image", "edit")}
 
 
@@ -63,6 +64,49 @@ def tile(images: list[Image.Image]) -> Image.Image:
     for index, image in enumerate(images):
         sheet.paste(image, ((index % columns) * width, (index // columns) * height))
     return sheet
+
+
+# ---- history ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One finished result: which tab made it, the picture (carrying its parameters), and for an
+    edit the input it started from."""
+
+    tab: str  # "generate" or "edit"
+    image: Image.Image
+    parameters: dict
+    input_image: str | None = None  # a file path
+
+    @property
+    def bytes(self) -> int:
+        return self.image.width * self.image.height * len(self.image.getbands())
+
+    @property
+    def caption(self) -> str:
+        prompt = self.parameters.get("prompt", "")
+        short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+        return f"{'Edit' if self.tab == 'edit' else 'Generate'} · seed {self.parameters.get('seed')} · {short}"
+
+
+def add_to_history(history: list[HistoryEntry], tab: str, paths: list[str], input_image: str | None = None,
+                   max_entries: int = 24, max_bytes: int = 48 * 2**20) -> list[HistoryEntry]:
+    """A new history (newest first) with the PNGs at ``paths`` added, the oldest dropped beyond
+    ``max_entries`` or ``max_bytes`` of pixels. The pictures are read into memory, so the history
+    outlives the cache files they came from."""
+    added = []
+    for path in paths:
+        with Image.open(path) as opened:
+            image = opened.copy()
+        added.append(HistoryEntry(tab, image, read_parameters(image) or {}, input_image))
+    kept, total = [], 0
+    for entry in [*reversed(added), *history]:
+        total += entry.bytes
+        if len(kept) == max_entries or total > max_bytes:
+            break
+        kept.append(entry)
+    return kept
 
 
 def clock(seconds: float) -> str:

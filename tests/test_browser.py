@@ -7,7 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Page, sync_playwright
+
+from nextstep.pnginfo import save_with_parameters
 
 from .conftest import TINY
 from .test_app import launched, tiny_services
@@ -17,14 +20,17 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-# Collects every picture the live preview shows, however briefly (polling from the test would miss some).
+# Collects every picture the live preview shows, as the page renders it (polling would miss some).
 WATCH_PREVIEW = """prefix => {
     window.previewSources = new Set();
-    setInterval(() => {
-        const image = document.querySelector(`#${prefix}-preview img`);
+    const panel = document.querySelector(`#${prefix}-preview`);
+    new MutationObserver(() => {
+        const image = panel.querySelector("img");
         if (image && image.src) window.previewSources.add(image.src);
-    }, 20);
+    }).observe(panel, {subtree: true, childList: true, attributes: true, attributeFilter: ["src"]});
 }"""
+
+VIEWPORT = {"width": 1280, "height": 1000}
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -43,7 +49,8 @@ def chromium():
 
 
 def open_page(browser, url: str) -> Page:
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    """The app in a new page of ``browser`` (a Browser, or a BrowserContext made with VIEWPORT)."""
+    page = browser.new_page(**({"viewport": VIEWPORT} if hasattr(browser, "new_context") else {}))
     page.goto(url)
     # The queue keeps a connection open, so wait for the app itself rather than for network idle.
     page.wait_for_selector("#generate-prompt textarea", timeout=60_000)
@@ -68,7 +75,8 @@ def wait_for_result(page: Page, prefix: str, timeout: float = 120_000) -> None:
 
 @pytest.fixture(scope="module")
 def url():
-    with launched(tiny_services(frame_interval=0.25)) as address:
+    # Every frame is sent (no throttle), so what the page shows does not depend on the machine's speed.
+    with launched(tiny_services(frame_interval=0.0)) as address:
         yield address
 
 
@@ -86,7 +94,7 @@ def page(browser, url):
 
 
 def test_generate_shows_a_changing_preview_then_the_result(page, tmp_path):
-    choose_size(page, "generate", "128 × 128 (1:1)")  # 64 tokens at 50 steps: several seconds of previews
+    choose_size(page, "generate", "128 × 128 (1:1)")  # 64 tokens: a preview every 8, 7 before the result
     page.fill("#generate-prompt textarea", "a red circle on a white background")
     page.evaluate(WATCH_PREVIEW, "generate")
     page.click("#generate-run")
@@ -181,3 +189,122 @@ def test_stop_ends_a_generation(held_page, tmp_path):
     page.get_by_role("tab", name="Generate").click()
     assert page.locator("#generate-status").inner_text().strip() == "Stopped."
     assert page.locator("#generate-gallery img").count() == 0, "a result arrived after Stop"
+
+
+# ---- reuse: history, settings from a PNG, the edit chain -------------------------------------
+
+
+def run_and_wait(page: Page, prefix: str) -> None:
+    """Click the tab's run button and wait until its status says the result is in."""
+    done_before = page.locator(f"#{prefix}-status").inner_text()
+    page.click(f"#{prefix}-run")
+    page.wait_for_function(
+        "([id, before]) => { const t = document.querySelector(id).innerText; return t.startsWith('Done') && t !== before; }",
+        arg=[f"#{prefix}-status", done_before], timeout=120_000,
+    )
+
+
+def history_count(page: Page) -> int:
+    return page.locator("#history-gallery img").count()
+
+
+def wait_for_history(page: Page, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#history-gallery img').length === {count}", timeout=30_000)
+
+
+def set_seed(page: Page, prefix: str, seed: int) -> None:
+    randomize = page.locator(f"#{prefix}-randomize input")
+    if randomize.is_checked():
+        randomize.uncheck()
+    page.fill(f"#{prefix}-seed input", str(seed))
+
+
+def test_history_keeps_both_results_and_restores_every_setting(page):
+    choose_size(page, "generate", "128 × 64 (2:1)")
+    set_slider(page, "generate-steps", 3)
+    set_seed(page, "generate", 5)
+    page.click("text=Prompts")
+    page.fill("#generate-negative textarea", "blurry")
+    page.fill("#generate-prompt textarea", "a red circle")
+    run_and_wait(page, "generate")
+    wait_for_history(page, 1)
+    choose_size(page, "generate", "64 × 64 (1:1)")
+    set_slider(page, "generate-steps", 2)
+    set_seed(page, "generate", 9)
+    page.fill("#generate-negative textarea", "")
+    page.fill("#generate-prompt textarea", "a blue square")
+    run_and_wait(page, "generate")
+    wait_for_history(page, 2)
+
+    page.locator("#history-gallery button.thumbnail-item").nth(1).click()  # the older one
+    page.wait_for_function("document.querySelector('#history-parameters').innerText.includes('a red circle')",
+                           timeout=30_000)
+    page.click("#history-use")
+    page.wait_for_function("document.querySelector('#generate-prompt textarea').value === 'a red circle'",
+                           timeout=30_000)
+    assert page.locator("#generate-size input").input_value() == "128 × 64 (2:1)"
+    assert page.locator("#generate-steps input[type=number]").input_value() == "3"
+    assert page.locator("#generate-seed input").input_value() == "5"
+    assert not page.locator("#generate-randomize input").is_checked()
+    assert page.locator("#generate-negative textarea").input_value() == "blurry"
+
+
+def upload_settings_png(page: Page, path) -> None:
+    with page.expect_file_chooser() as chooser:
+        page.click("#settings-png")
+    chooser.value.set_files(str(path))
+
+
+def test_a_result_png_fills_the_controls_and_other_pngs_get_a_message(page, tmp_path):
+    made = tmp_path / "made.png"
+    save_with_parameters(Image.new("RGB", (64, 64)), dict(
+        prompt="a green triangle", negative_prompt="", size="64x128", num_sampling_steps=7, cfg=4.0, seed=11,
+        edit=False), made)
+    upload_settings_png(page, made)
+    page.wait_for_function("document.querySelector('#generate-prompt textarea').value === 'a green triangle'",
+                           timeout=30_000)
+    assert page.locator("#generate-size input").input_value() == "64 × 128 (1:2)"
+    assert page.locator("#generate-steps input[type=number]").input_value() == "7"
+    assert page.locator("#generate-seed input").input_value() == "11"
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    upload_settings_png(page, plain)
+    page.wait_for_selector("text=carries no NextStep settings", timeout=30_000)
+
+
+def test_an_edit_shows_before_and_after_and_undo_steps_back(page):
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-image input[type=file]", str(TINY / "input_edit.png"))
+    page.wait_for_selector("#edit-image img", timeout=30_000)
+    original = page.locator("#edit-image img").get_attribute("src")
+    choose_size(page, "edit", "64 × 64 (1:1)")
+    set_slider(page, "edit-steps", 2)
+    page.fill("#edit-instruction textarea", "Make the circle blue.")
+    run_and_wait(page, "edit")
+    page.wait_for_function("document.querySelectorAll('#edit-compare img').length === 2", timeout=30_000)
+    page.click("#use-as-input")
+    page.wait_for_function("src => document.querySelector('#edit-image img')?.getAttribute('src') !== src",
+                           arg=original, timeout=30_000)
+    page.click("#edit-undo")
+    page.wait_for_function("src => document.querySelector('#edit-image img')?.getAttribute('src') === src",
+                           arg=original, timeout=30_000)
+
+
+def test_two_browser_sessions_never_see_each_others_history(browser, url):
+    first, second = (open_page(browser.new_context(viewport=VIEWPORT), url) for _ in range(2))  # two sessions
+    try:
+        for page, prompt in ((first, "a red circle"), (second, "a blue square")):
+            choose_size(page, "generate", "64 × 64 (1:1)")
+            set_slider(page, "generate-steps", 2)
+            page.fill("#generate-prompt textarea", prompt)
+        run_and_wait(first, "generate")
+        wait_for_history(first, 1)
+        run_and_wait(second, "generate")
+        wait_for_history(second, 1)
+        assert history_count(first) == 1
+        second.locator("#history-gallery button.thumbnail-item").first.click()
+        second.wait_for_function("document.querySelector('#history-parameters').innerText.includes('a blue square')",
+                                 timeout=30_000)
+    finally:
+        first.context.close()
+        second.context.close()
