@@ -11,6 +11,7 @@ evaluated from scratch at every step, tokens gathered in a list) and reports the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import resource
@@ -23,17 +24,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbone import attention_mask
+from .backbone import attention_mask, flash_attn_module
 from .config import NextStepConfig
 from .devices import DTYPES, pick_dtype, set_threads
+from .decoding import decode_step
 from .engine import Hooks, Run
 from .hub import CONFIG_FILES, resolve_directory
 from .memory import MemoryPlan, Workload, one_request, plan
 from .model import NextStepModel
 from .pipeline import NextStepPipeline
-from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
+from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, guidance_branches
 from .quantize import QUANTIZATIONS
 from .sampling import sample_token
+from .scheduler import Scheduler
 from .settings import GenerationRequest, add_setting_flags, given_settings
 from .sizes import Size
 from .vae import AutoencoderKL, VAEConfig
@@ -183,6 +186,16 @@ def timed_generation(pipe: NextStepPipeline, work: tuple, settings: dict, previe
     return dict(seconds=time.perf_counter() - start, first_preview=first_preview, result=result)
 
 
+def timed_on_page(scheduler: Scheduler, work: tuple, settings: dict, preview: str, preview_every: int) -> float:
+    """Seconds to the result of one request through the scheduler, as the page runs it (previews
+    decoded beside the token loop)."""
+    _synchronize(scheduler.engine.device)
+    start = time.perf_counter()
+    for _ in scheduler.submit(*work, preview=preview, preview_every=preview_every, **settings):
+        pass
+    return time.perf_counter() - start
+
+
 class GrowingKVCache:
     """The plain loop's cache: keys and values concatenated one token at a time."""
 
@@ -267,6 +280,13 @@ def run(args) -> dict:
              timed_generation(pipe, work, settings, args.preview, args.preview_every)) for _ in range(args.repeat)]
     plain = min((off for off, _ in runs), key=lambda timing: timing["seconds"])
     with_previews = min((on for _, on in runs), key=lambda timing: timing["seconds"])
+    scheduler = Scheduler(pipe.engine, gather_seconds=0.0)
+    try:
+        page = [(timed_on_page(scheduler, work, settings, "none", args.preview_every),
+                 timed_on_page(scheduler, work, settings, args.preview, args.preview_every))
+                for _ in range(args.repeat)]
+    finally:
+        scheduler.close()
     split = timed_phases(pipe, work, settings, args.preview, args.preview_every).seconds
     prompt_rows = pipe.engine.prepare(request).input_ids  # (branches * images, prompt length)
     backbone = backbone_step_seconds(pipe, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2)
@@ -287,6 +307,9 @@ def run(args) -> dict:
         final_decode_ms=1000 * split["finish"],
         first_preview_seconds=with_previews["first_preview"],
         preview_overhead=with_previews["seconds"] / plain["seconds"],
+        # The page's path: previews decoded beside the token loop (pipe.stream decodes them in it).
+        seconds_per_image_on_page=min(off for off, _ in page),
+        preview_overhead_on_page=min(on for _, on in page) / min(off for off, _ in page),
     )
     if args.compare_baseline:
         baseline_seconds = math.inf
@@ -322,7 +345,9 @@ def format_table(report: dict) -> str:
         f"final VAE decode    {report['final_decode_ms']:.1f} ms",
         f"first preview       {'-' if first is None else f'{first:.3f} s'}",
         f"preview overhead    x{report['preview_overhead']:.3f}  "
-        f"({report['seconds_per_image_with_previews']:.3f} s with previews)",
+        f"({report['seconds_per_image_with_previews']:.3f} s with previews, decoded in the loop: pipe.stream)",
+        f"  on the page       x{report['preview_overhead_on_page']:.3f}  "
+        f"(decoded beside the loop; {report['seconds_per_image_on_page']:.3f} s without previews)",
     ]
     if "speedup_over_baseline" in report:
         lines.append(
@@ -348,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on CPU)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the backbone")
     parser.add_argument("--edit", action="store_true", help="an edit of a synthetic picture (3 guidance rows)")
+    parser.add_argument("--acceptance", action="store_true",
+                        help="the GPU acceptance run: text-to-image and edit, eager and compiled, SDPA and "
+                             "flash-attn (if installed), unquantized and int8 (if torchao is)")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory plan for the request instead (nothing is allocated)")
     parser.add_argument("--compile", action="store_true",
@@ -361,9 +389,77 @@ def main(argv: list[str] | None = None) -> int:
         memory = plan_of(args)
         print(json.dumps(memory.to_dict()) if args.json else memory.describe())
         return 0
+    if args.acceptance:
+        report = acceptance(args)
+        print(json.dumps(report) if args.json else format_acceptance(report))
+        return 0
     report = run(args)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def acceptance(args) -> dict:
+    """The GPU acceptance run: text-to-image and edit, each eager and with the compiled step
+    (captured as a CUDA graph on CUDA), with SDPA and, where installed, flash-attn, unquantized and
+    (with torchao) int8: seconds per image, ms per token, first preview, peak memory, and each
+    compiled run's largest token difference from the eager one with the same settings."""
+    dtype = pick_dtype(args.dtype, args.device)
+    quantizations = [None] + (["int8"] if importlib.util.find_spec("torchao") else [])
+    rows = []
+    for quantize in quantizations:
+        pipe = (NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype,
+                                                 quantize=quantize) if args.model
+                else random_pipeline(args.config, args.device, dtype, quantize))
+        engine = pipe.engine
+        settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
+        size = engine.request(PROMPT, **settings).size
+        attentions = ["sdpa"] + (["flash"] if flash_attn_module(pipe.device, pipe.model.dtype) else [])
+        for work in ((PROMPT, None), (INSTRUCTION, edit_input(size))):
+            request = engine.request(*work, **settings)
+            tokens = engine.grid(request)[0] * engine.grid(request)[1]
+            for attention in attentions:
+                pipe.model.use_flash_attention = attention == "flash"
+                eager = None
+                for variant in ("eager", "compiled"):
+                    engine.step, engine.cuda_graph = decode_step, False
+                    if variant == "compiled":
+                        engine.compile(cuda_graph=pipe.device.type == "cuda")
+                    _synchronize(pipe.device)
+                    warm_start = time.perf_counter()
+                    timed_generation(pipe, work, settings, args.preview, args.preview_every)  # compiles, captures
+                    warm_up = time.perf_counter() - warm_start
+                    if pipe.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(pipe.device)
+                    timing = timed_generation(pipe, work, settings, args.preview, args.preview_every)
+                    tokens_out = timing["result"].tokens
+                    eager = tokens_out if variant == "eager" else eager
+                    rows.append(dict(
+                        work="edit" if work[1] is not None else "text_to_image", rows=request.num_images *
+                        guidance_branches(request.cfg, request.cfg_img, request.edit), quantize=quantize,
+                        attention=attention, variant=variant, seconds_per_image=timing["seconds"],
+                        ms_per_token=1000 * timing["seconds"] / tokens, first_preview_seconds=timing["first_preview"],
+                        warm_up_seconds=warm_up, peak_memory_mb=peak_memory_mb(pipe.device),
+                        max_token_difference_vs_eager=(tokens_out - eager).abs().max().item(),
+                    ))
+        del pipe, engine
+    return dict(model=args.model or f"random {args.config}", device=args.device, dtype=args.dtype, size=size.value,
+                num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, preview=args.preview, runs=rows)
+
+
+def format_acceptance(report: dict) -> str:
+    lines = [f"{report['model']} on {report['device']} ({report['dtype']}), {report['size']}, "
+             f"{report['num_sampling_steps']} steps, cfg {report['cfg']}, previews {report['preview']}",
+             "work           rows  weights  attention  variant    s/image  ms/token  1st preview  warm-up  "
+             "peak MB  max diff vs eager"]
+    for row in report["runs"]:
+        first = row["first_preview_seconds"]
+        lines.append(
+            f"{row['work']:<14} {row['rows']:>4}  {row['quantize'] or 'none':<7}  {row['attention']:<9}  "
+            f"{row['variant']:<9} {row['seconds_per_image']:>8.3f}  {row['ms_per_token']:>8.2f}  "
+            f"{'-' if first is None else f'{first:.3f} s':>11}  {row['warm_up_seconds']:>6.1f}s  "
+            f"{row['peak_memory_mb']:>7.0f}  {row['max_token_difference_vs_eager']:.1e}"
+        )
+    return "\n".join(lines)
 
 
 def plan_of(args) -> MemoryPlan:

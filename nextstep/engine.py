@@ -24,7 +24,7 @@ from .decoding import BatchDecoder, DecodeJob, Step, batch_key, compile_step, de
 from .families import Family
 from .inputs import clean_text, load_image, number
 from .model import NextStepModel
-from .preview import PREVIEW_MODES, Previewer, decode_tokens, to_pil
+from .preview import PREVIEW_MODES, Previewer, PreviewWorker, decode_tokens, to_pil
 from .prompts import IMAGE_SLOT, PromptBuilder, check_image_slot_place, guidance_branches, with_image_slot
 from .sampling import guidance_schedule, noise_draws, time_grid
 from .settings import OFFICIAL_EDIT, GenerationRequest, resolve
@@ -263,10 +263,11 @@ class Engine:
 
     # ---- the token loop ------------------------------------------------------------------
 
-    def decode(self, runs: list[Run], hooks: Hooks = NO_HOOKS) -> Iterator[int]:
+    def decode(self, runs: list[Run], hooks: Hooks = NO_HOOKS, previews: PreviewWorker | None = None) -> Iterator[int]:
         """The token loop for ``runs`` (sharing one batch key): yields the number of tokens done
         after each step. Marks the runs that got every token ``decoded``; closing the generator
-        stops sampling at once."""
+        stops sampling at once. Previews are decoded in the loop, or by ``previews`` beside it
+        (each then reaches its sink a little later, and one may be skipped while the last is decoding)."""
         with torch.inference_mode(), hooks.timed("prefill"):
             decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table, step=self.step,
                                    cuda_graph=self.cuda_graph)
@@ -281,6 +282,9 @@ class Engine:
                     run.sink.dropped()
                     continue
                 due = run.preview_due(done)
+                if due and previews is not None:
+                    previews.offer(run, done, lambda at, images, total=run.job.total: StreamEvent(at, total, images))
+                    due = False
                 if done < run.job.total and (due or run.sink.wants_progress()):
                     with hooks.timed("preview") if due else contextlib.nullcontext():
                         preview = self.preview(run.job, run.preview) if due else None

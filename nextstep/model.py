@@ -53,6 +53,7 @@ class NextStepModel(nn.Module):
         grid = config.gen_pos_embed_grid
         self.register_buffer("gen_pos_embed", sincos_2d_table(hidden, grid)[None], persistent=True)
         self.quantization: str | None = None  # how the backbone's weights are held ("int8", "fp8")
+        self.use_flash_attention = True  # where flash-attn is installed (the bench compares it with SDPA)
 
     # ---- loading and saving -------------------------------------------------------------
 
@@ -200,5 +201,7 @@ class NextStepModel(nn.Module):
         return self.image_out_projector(hidden)
 
     def new_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
-        flash = flash_attn_module(self.device, self.dtype)
+        """The cache the token loop attends through: flash-attn 2 where it is installed and serves
+        this device and dtype (unless ``use_flash_attention`` is off), else SDPA."""
+        flash = flash_attn_module(self.device, self.dtype) if self.use_flash_attention else None
         return StaticKVCache(self.config, batch_size, max_len, self.device, self.dtype, flash=flash)

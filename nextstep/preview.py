@@ -8,9 +8,18 @@ The fast map is fitted once per VAE, lazily on first use: a handful of smooth sy
 pictures are encoded and least squares relates each latent pixel to the mean colour of the
 8x8 pixels it covers. Deriving it at load time makes it work for any VAE, the official one
 included, with nothing extra to ship or keep in step with the weights.
+
+``PreviewWorker`` decodes previews on a thread of its own (and a CUDA stream of its own), so a
+token loop that hands them over never waits for one.
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +72,51 @@ class Previewer:
         latents = unpatchify(tokens.float().cpu(), grid, self.patch)  # (B, z, h*p, w*p)
         rgb = torch.einsum("bchw,cd->bdhw", latents, self._fast_map[:-1]) + self._fast_map[-1][None, :, None, None]
         return to_pil(F.interpolate(rgb, scale_factor=self.vae.config.downsample_factor, mode="nearest"))
+
+
+class PreviewWorker:
+    """Decodes previews off the token loop: ``offer`` snapshots a run's tokens and returns at once;
+    the picture reaches the run's sink as a ``StreamEvent`` when it is ready. A run whose previous
+    preview is still being decoded gets none this time (its next one is at most a cadence away),
+    so previews never queue up behind a slow decoder, and the loop and the final decode never
+    wait behind them."""
+
+    def __init__(self, decode: Callable[[torch.Tensor, tuple[int, int], str], list[Image.Image]], device):
+        self._decode = decode
+        self._device = torch.device(device)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy: set[int] = set()  # ids of runs with a preview in flight
+        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        threading.Thread(target=self._work, name="nextstep-previews", daemon=True).start()
+
+    def offer(self, run, done: int, make_event: Callable) -> bool:
+        """Decode ``run``'s preview after ``done`` tokens unless one is in flight; True if taken.
+        ``make_event(done, images)`` builds what the sink receives."""
+        with self._lock:
+            if id(run) in self._busy:
+                return False
+            self._busy.add(id(run))
+        tokens = run.job.tokens.clone()  # the loop goes on writing into the original
+        ready = None
+        if self._stream is not None:  # the clone is queued on the loop's stream: wait for it there
+            ready = torch.cuda.Event()
+            ready.record()
+        self._jobs.put((run, done, tokens, ready, make_event))
+        return True
+
+    def _work(self) -> None:
+        while True:
+            run, done, tokens, ready, make_event = self._jobs.get()
+            try:
+                on_stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+                with torch.inference_mode(), on_stream:
+                    if ready is not None:
+                        self._stream.wait_event(ready)
+                    images = self._decode(tokens, run.job.grid, run.preview)
+                run.sink.progress(make_event(done, images))
+            except Exception as error:  # noqa: BLE001 - a preview that fails must not fail its request
+                logging.getLogger(__name__).warning("a preview could not be decoded: %r", error)
+            finally:
+                with self._lock:
+                    self._busy.discard(id(run))

@@ -11,7 +11,9 @@ already many tokens in, for a latency gain of one batch at most.
 
 A finished batch is turned into pictures (the VAE decode) on a second thread, so the next batch
 starts at once: the token loop is the bottleneck to keep busy, and the decode can use a core the
-loop leaves idle.
+loop leaves idle. Previews are decoded on a third (``PreviewWorker``): one user's exact previews
+every token cost the others in the batch nothing but a snapshot of the tokens, and a preview still
+decoding when the next is due is skipped.
 
 Cancelling (Stop, a closed tab, a dropped connection, a time limit) removes a request from its
 batch at the next token; the others go on. Running out of device memory fails only the request
@@ -36,6 +38,7 @@ import torch
 from PIL import Image
 
 from .engine import Engine, Run, StreamEvent, check_preview
+from .preview import PreviewWorker
 from .settings import GenerationRequest
 
 _POLL_SECONDS = 0.5  # how often a waiting reader checks that the worker is still alive
@@ -206,6 +209,7 @@ class Scheduler:
         self._condition = threading.Condition()
         self._closed = False
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextstep-finish")
+        self._previews = PreviewWorker(engine.previewer, engine.device)
         self._worker = threading.Thread(target=self._work, name="nextstep-scheduler", daemon=True)
         self._worker.start()
 
@@ -323,7 +327,7 @@ class Scheduler:
         started = time.monotonic()
         for run in runs:
             run.sink.started = started
-        for _ in self.engine.decode(runs):
+        for _ in self.engine.decode(runs, previews=self._previews):
             pass
         decoded = [run for run in runs if run.decoded]
         with self._condition:

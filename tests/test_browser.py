@@ -138,8 +138,8 @@ def held_until_stopped(engine, monkeypatch) -> threading.Event:
     running = threading.Event()
     decode = engine.decode
 
-    def held(runs, *hooks):
-        for done in decode(runs, *hooks):
+    def held(runs, *args, **kwargs):
+        for done in decode(runs, *args, **kwargs):
             yield done
             running.set()
             for run in runs:

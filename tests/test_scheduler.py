@@ -49,7 +49,7 @@ def batch_sizes(engine, monkeypatch) -> list[int]:
     """Records the number of requests in each token loop the engine runs."""
     seen = []
     original = engine.decode
-    monkeypatch.setattr(engine, "decode", lambda runs, *hooks: seen.append(len(runs)) or original(runs, *hooks))
+    monkeypatch.setattr(engine, "decode", lambda runs, *args, **kwargs: seen.append(len(runs)) or original(runs, *args, **kwargs))
     return seen
 
 
@@ -166,10 +166,10 @@ def test_out_of_memory_in_a_batch_retries_each_alone(scheduler, tiny_pipe, monke
     tickets = [scheduler.submit(preview="none", **r, **COMMON) for r in REQUESTS[:2]]
     original = scheduler.engine.decode
 
-    def decode(runs, *hooks):
+    def decode(runs, *args, **kwargs):
         if len(runs) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory.")
-        return original(runs, *hooks)
+        return original(runs, *args, **kwargs)
 
     monkeypatch.setattr(scheduler.engine, "decode", decode)
     gate.set()
@@ -197,3 +197,33 @@ def test_waiting_reader_notices_a_dead_worker(tiny_pipe, monkeypatch):
     scheduler._worker = worker
     gate.set()
     scheduler.close()
+
+
+def test_previews_on_or_off_give_the_same_result(scheduler):
+    with_previews = results([scheduler.submit("a red circle", preview="vae", preview_every=1, seed=4, **COMMON)])[0]
+    without = results([scheduler.submit("a red circle", preview="none", seed=4, **COMMON)])[0]
+    assert torch.equal(with_previews.tokens, without.tokens)
+    assert torch.equal(images_as_array(with_previews.images), images_as_array(without.images))
+
+
+def test_a_preview_decoder_that_never_finishes_holds_up_neither_the_loop_nor_the_result(scheduler, monkeypatch):
+    """Previews decode beside the token loop: with the decoder stuck on the first one, every token
+    is still sampled, the result arrives, and the previews due meanwhile are skipped, not queued."""
+    release, entered, calls = threading.Event(), threading.Event(), []
+
+    def stuck(tokens, grid, mode):
+        calls.append(mode)
+        entered.set()
+        release.wait(60)
+        return []
+
+    monkeypatch.setattr(scheduler._previews, "_decode", stuck)
+    try:
+        ticket = scheduler.submit("a red circle", preview="vae", preview_every=1, seed=4, **COMMON)
+        events = list(ticket)
+        assert events[-1].result is not None and events[-1].done == 16
+        assert all(event.preview is None for event in events)
+        assert entered.wait(30)  # the worker took the first preview (it may start after the loop ended)
+        assert calls == ["vae"], "one preview was taken; the rest were skipped while it was stuck"
+    finally:
+        release.set()
