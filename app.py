@@ -16,15 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:  # On Hugging Face ZeroGPU Spaces; it must be imported before anything touches CUDA.
+try:  # Hugging Face's ZeroGPU package, on Spaces; it must be imported before anything touches CUDA.
     import spaces
-
-    on_gpu = spaces.GPU(duration=120)
 except ImportError:
-
-    def on_gpu(handler):
-        return handler
-
+    spaces = None
 
 import gradio as gr
 
@@ -35,13 +30,14 @@ from nextstep.memory import NotEnoughMemoryError, combine
 from nextstep.pipeline import memory_plan
 from nextstep.quantize import QUANTIZATIONS
 from nextstep.sampling import SAMPLERS
-from nextstep.scheduler import Busy, GenerationFailed, Ticket
+from nextstep.scheduler import Busy, GenerationFailed
 from nextstep.pnginfo import read_parameters, with_parameters
 from nextstep.serving import (
     HistoryEntry, SharedPipeline, add_to_history, describe, load_examples, tile,
 )
 from nextstep.settings import MAX_DRAWN_SEED, SETTINGS
 from nextstep.sizes import Size, closest_size
+from nextstep.zerogpu import LARGE_SLICE_BYTES, GpuService, GpuTask, on_zero_gpu
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "assets/shapes-model"
@@ -70,10 +66,11 @@ NO_EDIT_MODEL = (
 
 @dataclass
 class Services:
-    """The loaded models as the page uses them; ``editor`` is None without an edit-capable model."""
+    """The loaded models as the page uses them; ``editor`` is None without an edit-capable model.
+    Each is a ``SharedPipeline`` (the batching scheduler) or, on ZeroGPU, a ``GpuService``."""
 
-    generator: SharedPipeline
-    editor: SharedPipeline | None
+    generator: SharedPipeline | GpuService
+    editor: SharedPipeline | GpuService | None
     vae: str | None = None
     examples: dict = field(default_factory=lambda: {"text_to_image": [], "edit": []})
 
@@ -89,10 +86,16 @@ def examples_for(model: str) -> Path | None:
 def load_services(
     model: str, edit_model: str | None, vae: str | None, device: str | None, dtype: str | None,
     frame_interval: float = 0.25, *, quantize: str | None = None, edit_device: str | None = None,
-    compile: bool = False,
+    compile: bool = False, zero_gpu: bool | None = None,
 ) -> Services:
     """Load the page's models; before any weight is read, check that they fit their devices
-    together (``NotEnoughMemoryError`` otherwise, naming the need and the options)."""
+    together (``NotEnoughMemoryError`` otherwise, naming the need and the options).
+
+    On ZeroGPU (``zero_gpu``; None: detect it as ``spaces`` does) every request runs in one GPU
+    task shared by both tabs (``nextstep.zerogpu``) instead of the batching scheduler."""
+    zero_gpu = on_zero_gpu() if zero_gpu is None else zero_gpu
+    if zero_gpu and compile:
+        raise ValueError("ZeroGPU does not support torch.compile: leave --compile off on ZeroGPU hardware")
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     second = edit_model if edit_model and edit_model != model else None
@@ -102,19 +105,21 @@ def load_services(
         plans.setdefault(edit_device, []).append(memory_plan(second, edit_device, torch_dtype, quantize, vae))
     for on_device in plans.values():
         combine(on_device).check()
-    main = NextStepPipeline.from_pretrained(model, vae=vae, device=device, dtype=torch_dtype, quantize=quantize,
-                                            check_memory=False)
+    placed = [(model, device), *([(second, edit_device)] if second else [])]
+    pipes = [NextStepPipeline.from_pretrained(name, vae=vae, device=on_device, dtype=torch_dtype, quantize=quantize,
+                                              check_memory=False) for name, on_device in placed]
     if compile:
-        main.compile()
-    generator = SharedPipeline(main, frame_interval)
-    if second:
-        editing = NextStepPipeline.from_pretrained(second, vae=vae, device=edit_device, dtype=torch_dtype,
-                                                   quantize=quantize, check_memory=False)
-        if compile:
-            editing.compile()
-        editor = SharedPipeline(editing, frame_interval)
+        for pipe in pipes:
+            pipe.compile()
+    if zero_gpu:
+        # Models that need more than the default slice ask for the whole GPU (at twice the quota).
+        need = combine([plan for on_device in plans.values() for plan in on_device]).peak_bytes
+        task = GpuTask(pipes, frame_interval, spaces.GPU, size="xlarge" if need > LARGE_SLICE_BYTES else None)
+        served = [GpuService(task, index) for index in range(len(pipes))]
     else:
-        editor = generator if main.supports_images else None
+        served = [SharedPipeline(pipe, frame_interval) for pipe in pipes]
+    generator = served[0]
+    editor = served[1] if second else (generator if pipes[0].supports_images else None)
     examples = {"text_to_image": load_examples(examples_for(model))["text_to_image"],
                 "edit": load_examples(examples_for(edit_model or model))["edit"]}
     return Services(generator, editor, vae, examples)
@@ -322,8 +327,8 @@ class RunBook:
         return self._runs.pop(key, None)
 
 
-async def stream_to_page(service: SharedPipeline, record: dict, prompt: str, image, *, randomize_seed: bool,
-                         preview: str, preview_every, **settings):
+async def stream_to_page(service: SharedPipeline | GpuService, record: dict, prompt: str, image, *,
+                         randomize_seed: bool, preview: str, preview_every, **settings):
     """Yield (preview, gallery, status, parameters, seed) frames for one request; ``settings`` are
     request fields. ``record`` learns how the run ended ("done", "failed" or "stopped")."""
     try:
@@ -331,7 +336,7 @@ async def stream_to_page(service: SharedPipeline, record: dict, prompt: str, ima
             raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
         if randomize_seed:
             settings["seed"] = None  # the engine draws one, and the page shows it
-        ticket: Ticket = service.submit(prompt, image, preview=preview, preview_every=preview_every, **settings)
+        ticket = service.submit(prompt, image, preview=preview, preview_every=preview_every, **settings)
         record["ticket"] = ticket
         seed = ticket.request.seed
         yield None, None, "Waiting for the model…", None, seed
@@ -358,12 +363,18 @@ async def stream_to_page(service: SharedPipeline, record: dict, prompt: str, ima
         raise
 
 
-async def final_image_of(service: SharedPipeline, prompt: str, image, settings: dict):
+async def last_frame(service: SharedPipeline | GpuService, prompt: str, image, **settings) -> tuple:
+    """The final (preview, gallery, status, parameters, seed) frame of one request, run without previews."""
+    frame = None
+    async for frame in stream_to_page(service, {"outcome": "running", "ticket": None}, prompt, image,
+                                      preview="none", preview_every=1, **settings):
+        pass
+    return frame
+
+
+async def final_image_of(service: SharedPipeline | GpuService, prompt: str, image, settings: dict):
     """The finished picture of one request (several images side by side), carrying its parameters."""
-    images = None
-    async for _, gallery, *_ in stream_to_page(service, {"outcome": "running", "ticket": None}, prompt, image,
-                                               preview="none", preview_every=1, **settings):
-        images = gallery or images
+    _, images, *_ = await last_frame(service, prompt, image, **settings)
     # One request's images share its parameters: a sheet of several carries them too.
     return images[0] if len(images) == 1 else with_parameters(tile(images), read_parameters(images[0]))
 
@@ -564,20 +575,31 @@ def build_demo(services: Services) -> gr.Blocks:
         edit_tab = Tab("edit", instruction, edit_controls, edit_context.sizes, input_image)
         # Examples set the seed they were checked with, so they reproduce.
         generate_seed, edit_seed = generate_controls.settings["seed"], edit_controls.settings["seed"]
+        # Where the platform asks for cached examples (Spaces sets GRADIO_CACHE_EXAMPLES), each is
+        # cached at its first click, never all at start-up: on a GPU Space that would spend GPU time
+        # (and on ZeroGPU, quota) before anyone asked. A cached example shows its result, the
+        # settings it does not name at their defaults.
+        async def generate_example(prompt, seed, randomize_seed):
+            return await last_frame(generator, prompt, None, seed=seed, randomize_seed=randomize_seed)
+
+        async def edit_example(image, prompt, seed, randomize_seed):
+            return await last_frame(editor, prompt, image, seed=seed, randomize_seed=randomize_seed)
+
         if examples["text_to_image"]:
             with generate_examples:
                 gr.Examples([[e["prompt"], e["seed"], False] for e in examples["text_to_image"]],
                             inputs=[prompt, generate_seed, generate_controls.randomize_seed],
-                            example_labels=[e["prompt"] for e in examples["text_to_image"]], examples_per_page=6,
-                            cache_examples=False)
+                            fn=generate_example,
+                            outputs=generate_results.outputs(generate_seed), cache_mode="lazy",
+                            example_labels=[e["prompt"] for e in examples["text_to_image"]], examples_per_page=6)
         if examples["edit"]:
             with edit_examples:
                 gr.Examples([[e["image"], e["instruction"], e["seed"], False] for e in examples["edit"]],
                             inputs=[input_image, instruction, edit_seed, edit_controls.randomize_seed],
-                            example_labels=[e["instruction"] for e in examples["edit"]], examples_per_page=6,
-                            cache_examples=False)
+                            fn=edit_example if editor else None,
+                            outputs=edit_results.outputs(edit_seed) if editor else None, cache_mode="lazy",
+                            example_labels=[e["instruction"] for e in examples["edit"]], examples_per_page=6)
 
-        @on_gpu
         async def generate(prompt, request: gr.Request, **settings):
             """Generate images from a text prompt with NextStep-1.
 
@@ -588,7 +610,6 @@ def build_demo(services: Services) -> gr.Blocks:
             async for frame in stream_to_page(generator, record, prompt, None, **settings):
                 yield frame
 
-        @on_gpu
         async def edit(image, prompt, request: gr.Request, **settings):
             """Edit an image by an instruction with NextStep-1.
 

@@ -65,7 +65,8 @@ def prepare_image(image: Image.Image, size: Size) -> torch.Tensor:
 
 
 class Sink(Protocol):
-    """Where the token loop reports one run; called on the loop's thread."""
+    """Where the token loop reports one run: called on the loop's thread, and ``progress`` also
+    from a ``PreviewWorker``'s, so a sink must take events from both."""
 
     def should_stop(self) -> bool:
         """True to leave the batch at this token (cancelled, out of time)."""
@@ -84,7 +85,7 @@ class Run:
     """One request in the token loop: how to preview it and where to report."""
 
     request: GenerationRequest
-    job: DecodeJob
+    job: DecodeJob | None  # set by ``Engine.prepare``'s caller
     sink: Sink
     preview: str = "none"
     preview_every: int = 8

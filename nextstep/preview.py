@@ -86,7 +86,7 @@ class PreviewWorker:
         self._device = torch.device(device)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._busy: set[int] = set()  # ids of runs with a preview in flight
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         threading.Thread(target=self._work, name="nextstep-previews", daemon=True).start()
 
@@ -120,3 +120,9 @@ class PreviewWorker:
             finally:
                 with self._lock:
                     self._busy.discard(id(run))
+                    self._lock.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no preview is being decoded (every one offered has reached its sink)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._busy, timeout)

@@ -251,6 +251,7 @@ class Scheduler:
             self._condition.notify()
         self._worker.join()
         self._finisher.shutdown(wait=True)
+        self._previews.wait_idle()  # nothing touches the model once closed
 
     def _withdraw(self, ticket: Ticket) -> None:
         """A cancelled ticket still in the line leaves it now (one in a batch leaves at the next token)."""

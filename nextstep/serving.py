@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .engine import GenerationResult
+from .engine import GenerationResult, StreamEvent
 from .pipeline import NextStepPipeline
 from .pnginfo import read_parameters, with_parameters
 from .scheduler import Scheduler, Ticket
@@ -146,6 +146,32 @@ class Progress:
         )
 
 
+class FrameThrottle:
+    """Turns a request's token events into the frames a front end shows: at most one progress frame
+    per ``frame_interval`` seconds (keeping the latest preview until one goes out), and always the
+    result, its images carrying their parameters. Feed it the events in order."""
+
+    def __init__(self, frame_interval: float):
+        self.frame_interval = frame_interval
+        self._start: float | None = None
+        self._last_frame = -math.inf
+        self._pending: list[Image.Image] | None = None
+
+    def __call__(self, event: StreamEvent) -> Progress | None:
+        now = time.monotonic()
+        self._start = self._start if self._start is not None else now  # the first token: the model is at work
+        self._pending = event.preview or self._pending
+        if event.result is not None:
+            for image in event.result.images:
+                with_parameters(image, event.result.parameters)
+            return Progress(event.done, event.total, now - self._start, result=event.result)
+        if now - self._last_frame < self.frame_interval:
+            return None
+        frame = Progress(event.done, event.total, now - self._start, preview=self._pending)
+        self._last_frame, self._pending = now, None
+        return frame
+
+
 class SharedPipeline:
     """One pipeline used by many callers through a ``Scheduler``: concurrent requests that can
     share a token loop are decoded together, each keeps its own result, and closing a stream
@@ -175,19 +201,9 @@ class SharedPipeline:
         """The ticket's frames; failures arrive as ``GenerationFailed``. Closing the iterator (or
         cancelling its task) withdraws the request."""
         try:
-            start = None
-            last_frame = -math.inf
-            pending = None
+            throttle = FrameThrottle(self.frame_interval)
             async for event in ticket:
-                now = time.monotonic()
-                start = start if start is not None else now  # the first token: the model is at work
-                pending = event.preview or pending
-                if event.result is not None:
-                    for image in event.result.images:
-                        with_parameters(image, event.result.parameters)
-                    yield Progress(event.done, event.total, now - start, result=event.result)
-                elif now - last_frame >= self.frame_interval:
-                    yield Progress(event.done, event.total, now - start, preview=pending)
-                    last_frame, pending = now, None
+                if (frame := throttle(event)) is not None:
+                    yield frame
         finally:
             ticket.cancel()  # a no-op once finished; otherwise leaves its line or batch

@@ -58,9 +58,9 @@ class Checkpoint:
     def tensors(self, keys: set[str], device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors named in ``keys``, one at a time, each on ``device`` (floats as ``dtype``).
 
-        Each tensor is copied out of the memory-mapped file as it is read (never the whole model
-        twice): a tensor left inside the mapping can sit at an alignment that makes CPU kernels
-        round differently from one file layout to another.
+        On the CPU each tensor is copied out of the memory-mapped file as it is read (never the
+        whole model twice): a tensor left inside the mapping can sit at an alignment that makes CPU
+        kernels round differently from one file layout to another. On a GPU the move is the copy.
         """
         for name, file_keys in self._files.items():
             wanted = [key for key in file_keys if key in keys]
@@ -74,7 +74,12 @@ class Checkpoint:
 
 
 def _owned(tensor: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    # Only a CPU destination asks for a copy. Under ZeroGPU's CUDA emulation (``spaces``) a "cuda"
+    # tensor is a stand-in for a host tensor until a GPU task moves it: a copy there would hold the
+    # whole model in host RAM until launch, where the file's own pages let spaces drop the mapping
+    # (and prune the Hub cache files behind it) once it has packed the weights.
+    dtype = dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=dtype, copy=torch.device(device).type == "cpu")
 
 
 def load_strict(

@@ -41,7 +41,21 @@ def free_port() -> int:
 
 
 def tiny_services(frame_interval: float = 0.0) -> app.Services:
-    return app.load_services(str(TINY / "model"), None, str(TINY / "vae"), "cpu", "float32", frame_interval)
+    """The page's services on the tiny model, each preview delivered before the next token is
+    sampled, so that how many previews a page sees does not depend on the machine's speed (the
+    app itself never waits for a preview: tests/test_scheduler.py checks that)."""
+    services = app.load_services(str(TINY / "model"), None, str(TINY / "vae"), "cpu", "float32", frame_interval)
+    engine = services.generator.pipe.engine
+    decode = engine.decode
+
+    def decode_delivering_previews(runs, *args, previews=None, **kwargs):
+        for done in decode(runs, *args, previews=previews, **kwargs):
+            yield done
+            if previews is not None:
+                previews.wait_idle(60)
+
+    engine.decode = decode_delivering_previews
+    return services
 
 
 @contextmanager
