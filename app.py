@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections import OrderedDict
@@ -40,6 +41,7 @@ from nextstep.sizes import Size, closest_size
 from nextstep.zerogpu import LARGE_SLICE_BYTES, GpuService, GpuTask, on_zero_gpu
 
 ROOT = Path(__file__).resolve().parent
+LOG = logging.getLogger("nextstep.page")  # refused input: one line each (main() shows them)
 DEFAULT_MODEL = "assets/shapes-model"
 EXAMPLES = ROOT / "assets" / "examples"
 # Which examples fit which model, by the name it is loaded under (a Hub id, or a directory named
@@ -149,7 +151,7 @@ class TabContext:
 
 # Each key is a request field: the control's value reaches the engine under that name.
 CONTROLS = {
-    "size": Control("Settings", 0, lambda t: gr.Dropdown(
+    "size": Control("Settings", 0, lambda t: CheckedDropdown(
         [(s.label, s.value) for s in t.sizes], value=t.defaults["size"].value, label="Size (width × height)",
         elem_id=f"{t.prefix}-size")),
     "num_images": Control("Settings", 1, lambda t: CheckedSlider(1, 4, value=t.defaults["num_images"], step=1,
@@ -164,12 +166,12 @@ CONTROLS = {
         elem_id=f"{t.prefix}-steps")),
     "timesteps_shift": Control("Settings", 3, lambda t: CheckedSlider(
         0.1, 10, value=t.defaults["timesteps_shift"], step=0.1, label="Time shift")),
-    "cfg_schedule": Control("Settings", 4, lambda t: gr.Radio(
+    "cfg_schedule": Control("Settings", 4, lambda t: CheckedRadio(
         SCHEDULES, value=t.defaults["cfg_schedule"], label="Guidance schedule")),
-    "sampler": Control("Settings", 4, lambda t: gr.Dropdown(
+    "sampler": Control("Settings", 4, lambda t: CheckedDropdown(
         list(SAMPLERS), value=t.defaults["sampler"], label="Sampler",
         info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")),
-    "use_norm": Control("Settings", 5, lambda t: gr.Checkbox(
+    "use_norm": Control("Settings", 5, lambda t: CheckedCheckbox(
         value=t.defaults["use_norm"], label="Normalise tokens", info="LayerNorm each sampled token (NextStep-1)")),
     "seed": Control("Settings", 6, lambda t: CheckedNumber(
         value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label="Seed", elem_id=f"{t.prefix}-seed")),
@@ -209,11 +211,11 @@ def sampling_controls(context: TabContext, edit: bool) -> TabControls:
                         if control.row == row:
                             settings[name] = control.build(context)
                     if section == "Settings" and row == CONTROLS["seed"].row:
-                        randomize_seed = gr.Checkbox(value=True, label="Randomize seed",
+                        randomize_seed = CheckedCheckbox(value=True, label="Randomize seed",
                                                      elem_id=f"{context.prefix}-randomize")
             if section == "Settings":
                 with gr.Row():
-                    preview = gr.Radio(PREVIEW_MODES, value="vae", label="Live preview",
+                    preview = CheckedRadio(PREVIEW_MODES, value="vae", label="Live preview",
                                        info="Exact runs the VAE decoder; Fast is a nearly free colour map")
                     preview_every = CheckedSlider(1, 64, value=8, step=1, label="Preview every N tokens")
     return TabControls(settings, randomize_seed, preview, preview_every)
@@ -262,29 +264,81 @@ class ImageUpload(gr.Image):
         return super().preprocess(payload)
 
 
-def checked_number(payload, label: str | None):
-    """An API caller's value for a numeric input: numeric text is read, anything else that is
-    not a finite number gets a readable message (Gradio's own check would fail with a crash)."""
+def refusal(message: str) -> gr.Error:
+    """An error about the visitor's own input: shown on the page, one line in the log, no traceback."""
+    LOG.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def read_number(payload, label: str, minimum, maximum, whole: bool):
+    """A control's value as sent (numbers, or numeric text from API clients), strictly: empty, not
+    a number, a fraction where a whole number is asked, or out of the control's range is refused
+    with a message naming the control and what it takes."""
+    def plain(value) -> str:  # 4294967295, 0.1, 15: as the control shows them
+        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+    allowed = f"{'a whole number' if whole else 'a number'} between {plain(minimum)} and {plain(maximum)}"
     if payload is None:
-        return None
+        raise refusal(f"{label} is empty: enter {allowed}")
     try:
-        return number(payload, label or "value")
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
+        return number(payload, label, minimum=minimum, maximum=maximum, integer=whole)
+    except ValueError:
+        shown = repr(payload) if len(repr(payload)) <= 40 else repr(payload)[:37] + "..."
+        raise refusal(f"{label} must be {allowed}, got {shown}") from None
 
 
 class CheckedSlider(gr.Slider):
     is_template = True  # drawn by the frontend as a plain slider
 
     def preprocess(self, payload):
-        return super().preprocess(checked_number(payload, self.label))
+        whole = float(self.step).is_integer() and float(self.minimum).is_integer()
+        return read_number(payload, self.label, self.minimum, self.maximum, whole)
 
 
 class CheckedNumber(gr.Number):
+    """A number box that may be left empty (the seed, while Randomize seed is ticked)."""
+
     is_template = True  # drawn by the frontend as a plain number box
 
     def preprocess(self, payload):
-        return super().preprocess(checked_number(payload, self.label))
+        if payload is None:
+            return None
+        return read_number(payload, self.label, self.minimum, self.maximum, self.precision == 0)
+
+
+class CheckedCheckbox(gr.Checkbox):
+    is_template = True  # drawn by the frontend as a plain checkbox
+
+    def preprocess(self, payload):
+        """True or False (the text "true" / "false" too); anything else, "false" never read as true."""
+        if isinstance(payload, bool):
+            return payload
+        if isinstance(payload, str) and payload.strip().lower() in ("true", "false"):
+            return payload.strip().lower() == "true"
+        raise refusal(f"{self.label} must be true or false, got {payload!r}")
+
+
+def checked_choice(control: gr.Dropdown | gr.Radio, payload):
+    """A choice control's value: empty or unknown gets a message naming it and its choices."""
+    values = [value for _label, value in control.choices]
+    if payload is None or payload not in values:
+        got = "it is empty" if payload is None else f"got {payload!r}"
+        raise refusal(f"{control.label} must be one of {', '.join(map(str, values))}: {got}")
+    return payload
+
+
+class CheckedDropdown(gr.Dropdown):
+    is_template = True  # drawn by the frontend as a plain dropdown
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_choice(self, payload))
+
+
+class CheckedRadio(gr.Radio):
+    is_template = True  # drawn by the frontend as plain radio buttons
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_choice(self, payload))
 
 
 def input_size(path: str | None) -> tuple[int, int] | None:
@@ -336,6 +390,9 @@ async def stream_to_page(service: SharedPipeline | GpuService, record: dict, pro
             raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
         if randomize_seed:
             settings["seed"] = None  # the engine draws one, and the page shows it
+        elif settings.get("seed") is None:
+            raise ValueError(f"Seed is empty: enter a whole number between 0 and {MAX_DRAWN_SEED}, or tick "
+                             "Randomize seed")
         ticket = service.submit(prompt, image, preview=preview, preview_every=preview_every, **settings)
         record["ticket"] = ticket
         seed = ticket.request.seed
@@ -354,7 +411,7 @@ async def stream_to_page(service: SharedPipeline | GpuService, record: dict, pro
                 yield shown_preview, None, frame.status(), None, seed
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
         record["outcome"] = "failed"
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     except (asyncio.CancelledError, GeneratorExit):  # Stop, or the page went away
         record["outcome"] = "stopped"
         raise
@@ -418,7 +475,7 @@ def after_run(book: RunBook, tab: str) -> Callable:
 def picked_image(gallery: list | None, index: int):
     """The gallery image picked for reuse (the first when none was clicked)."""
     if not gallery:
-        raise gr.Error("Nothing to reuse yet: generate an image first.")
+        raise refusal("Nothing to reuse yet: generate an image first.")
     path, _caption = gallery[min(index, len(gallery) - 1)]
     return path
 
@@ -481,11 +538,11 @@ def settings_from_png(path: str | None, generate_tab: Tab, edit_tab: Tab) -> dic
     try:
         parameters = read_parameters(path)
     except ValueError as error:
-        raise gr.Error(f"That PNG's settings could not be read: {error}") from None
+        raise refusal(f"That PNG's settings could not be read: {error}") from None
     except OSError:
-        raise gr.Error("That file could not be read as a PNG.") from None
+        raise refusal("That file could not be read as a PNG.") from None
     if not parameters:
-        raise gr.Error("That picture carries no NextStep settings: only PNGs made by this app or its "
+        raise refusal("That picture carries no NextStep settings: only PNGs made by this app or its "
                        "command line do (or ones with AUTOMATIC1111-style parameters).")
     tab = edit_tab if parameters.get("edit") else generate_tab
     gr.Info(f"Settings loaded into the {tab.name.capitalize()} tab.")
@@ -619,9 +676,9 @@ def build_demo(services: Services) -> gr.Blocks:
             """
             record = book.start((request.session_hash, "edit"))
             if editor is None:
-                raise gr.Error(NO_EDIT_MODEL)
+                raise refusal(NO_EDIT_MODEL)
             if image is None:
-                raise gr.Error("Add an input image first (upload, paste or take a photo).")
+                raise refusal("Add an input image first (upload, paste or take a photo).")
             async for frame in stream_to_page(editor, record, prompt, image, **settings):
                 yield frame
 
@@ -630,9 +687,9 @@ def build_demo(services: Services) -> gr.Blocks:
 
         async def edit_image(image, prompt, **settings):
             if editor is None:
-                raise gr.Error(NO_EDIT_MODEL)
+                raise refusal(NO_EDIT_MODEL)
             if image is None:
-                raise gr.Error("Give an input image to edit.")
+                raise refusal("Give an input image to edit.")
             return await final_image_of(editor, prompt, image, settings)
 
         generate_image.__doc__ = tool_description("Generate an image from a text prompt with NextStep-1.",
@@ -679,7 +736,7 @@ def build_demo(services: Services) -> gr.Blocks:
 
         def use_entry(entry: HistoryEntry | None) -> dict:
             if entry is None:
-                raise gr.Error("Choose a result in the history first.")
+                raise refusal("Choose a result in the history first.")
             tab = edit_tab if entry.tab == "edit" else generate_tab
             return {**tab.filled(entry.parameters, entry.input_image), tabs: gr.Tabs(selected=tab.name)}
 
@@ -790,6 +847,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # The page's own log lines (refused input) on stderr; other libraries' logging is left alone.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
     set_threads(pick_device(args.device), args.threads)
     try:
         services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype,

@@ -107,6 +107,8 @@ def _read(file, label: str) -> Image.Image:
                 f"{label} could not be read as an image: it is not a {_FORMAT_NAMES} file, or it is damaged"
             ) from error
         except Exception as error:  # a damaged header makes format plugins raise all kinds of errors
+            if "too large" in str(error):  # Pillow's limits on metadata (PNG text chunks), a bomb of its own
+                raise ValueError(f"{label} is too large: its metadata exceeds what is read") from error
             raise ValueError(f"{label} could not be read as an image: the file is damaged") from error
     with image:
         return _normalise(image, label)

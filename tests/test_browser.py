@@ -308,3 +308,11 @@ def test_two_browser_sessions_never_see_each_others_history(browser, url):
     finally:
         first.context.close()
         second.context.close()
+
+
+def test_an_empty_seed_box_gets_a_message(page):
+    set_seed(page, "generate", 0)
+    page.fill("#generate-seed input", "")
+    page.fill("#generate-prompt textarea", "a red circle")
+    page.click("#generate-run")
+    page.wait_for_selector("text=Seed is empty", timeout=30_000)

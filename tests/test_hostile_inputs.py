@@ -4,6 +4,7 @@ normalisation, never a crash, and a normal request right after it succeeds."""
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .test_app import GENERATE, final_images, launched, tiny_services
 
@@ -111,15 +112,34 @@ BAD_SETTINGS = [
     (dict(prompt="   \n\t "), "Enter a prompt"),
     (dict(prompt="a red circle " * 400), "too long"),
     (dict(prompt=None), "Enter a prompt"),
-    (dict(cfg="lots"), "must be a number"),
-    (dict(cfg=0.2), "less than minimum"),
-    (dict(num_sampling_steps=1e9), "greater than maximum"),
-    (dict(num_images="two"), "must be a number"),
-    (dict(seed="abc"), "must be a number"),
-    (dict(size="99999x99999"), "not in the list of choices"),
-    (dict(cfg_schedule="cosine"), "not in the list of choices"),
-    (dict(preview_every=0), "less than minimum"),
+    (dict(cfg="lots"), r"Text guidance must be a number between 1 and 15, got 'lots'"),
+    (dict(cfg=0.2), r"Text guidance must be a number between 1 and 15, got 0.2"),
+    (dict(num_sampling_steps=1e9), r"Sampling steps per token must be a whole number between 1 and 100"),
+    (dict(num_images="two"), r"Images must be a whole number between 1 and 4, got 'two'"),
+    (dict(num_images=2.5), r"Images must be a whole number between 1 and 4, got 2.5"),
+    (dict(seed="abc"), r"Seed must be a whole number between 0 and 4294967295, got 'abc'"),
+    (dict(size="99999x99999"), r"Size \(width × height\) must be one of .*got '99999x99999'"),
+    (dict(cfg_schedule="cosine"), r"Guidance schedule must be one of constant, linear: got 'cosine'"),
+    (dict(preview_every=0), r"Preview every N tokens must be a whole number between 1 and 64, got 0"),
+    (dict(randomize_seed="false", seed=None), "Seed is empty"),  # "false" is false, not a true string
+    (dict(randomize_seed="maybe"), r"Randomize seed must be true or false, got 'maybe'"),
+    (dict(use_norm=1), r"Normalise tokens must be true or false, got 1"),
 ]
+# Every control left empty (null over the API) gets a message that names it and what it takes.
+EMPTY = {
+    "size": r"Size \(width × height\) must be one of .*: it is empty",
+    "num_images": "Images is empty: enter a whole number between 1 and 4",
+    "cfg": "Text guidance is empty: enter a number between 1 and 15",
+    "num_sampling_steps": "Sampling steps per token is empty",
+    "timesteps_shift": "Time shift is empty: enter a number between 0.1 and 10",
+    "cfg_schedule": "Guidance schedule must be one of constant, linear: it is empty",
+    "sampler": "Sampler must be one of v1, sde, cps, ode: it is empty",
+    "use_norm": "Normalise tokens must be true or false, got None",
+    "randomize_seed": "Randomize seed must be true or false, got None",
+    "preview": "Live preview must be one of vae, fast, none: it is empty",
+    "preview_every": "Preview every N tokens is empty",
+}
+BAD_SETTINGS += [(dict(**{name: None}), message) for name, message in EMPTY.items()]
 
 
 @pytest.mark.parametrize("change, message", BAD_SETTINGS)
@@ -160,3 +180,22 @@ def test_a_full_line_is_told_to_come_back_and_the_server_goes_on(tiny_pipe):
         assert sum(outcome is True for outcome in outcomes) >= 1
         assert any(isinstance(o, str) and "busy" in o for o in outcomes)
         assert final_images(Client(url, verbose=False).predict(**QUICK, api_name="/generate"))
+
+
+def test_refused_input_logs_one_line_and_no_traceback(client, capfd, caplog):
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="nextstep.page"):
+        with pytest.raises(AppError, match="Text guidance"):
+            client.predict(**dict(QUICK, cfg=0.2), api_name="/generate")
+    lines = [record.getMessage() for record in caplog.records if record.name == "nextstep.page"]
+    assert lines == ["refused: Text guidance must be a number between 1 and 15, got 0.2"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_png_with_a_huge_text_chunk_is_too_large_not_damaged(client, tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * 5_000_000, zip=True)  # a few kB on disk, 5 MB once inflated
+    path = tmp_path / "bomb.png"
+    picture().save(path, pnginfo=info)
+    with pytest.raises(AppError, match="too large"):
+        client.predict(image=handle_file(str(path)), **EDIT, api_name="/edit")
