@@ -109,12 +109,10 @@ class Ticket:
                     return
                 self._check_alive()
                 continue
-            if item is _CANCELLED:
+            if (event := self._event_of(item)) is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.result is not None:
+            yield event
+            if event.result is not None:
                 return
 
     async def __aiter__(self):
@@ -134,13 +132,20 @@ class Ticket:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), _POLL_SECONDS)
                 continue
-            if item is _CANCELLED:
+            if (event := self._event_of(item)) is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.result is not None:
+            yield event
+            if event.result is not None:
                 return
+
+    @staticmethod
+    def _event_of(item) -> StreamEvent | None:
+        """The event an item of the line carries; None where a cancelled stream ends; a failure raised."""
+        if item is _CANCELLED:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def _check_alive(self) -> None:
         if self._scheduler is not None and not self._scheduler.alive:

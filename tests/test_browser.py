@@ -112,14 +112,21 @@ def test_generate_shows_a_changing_preview_then_the_result(page, tmp_path):
     assert page.get_by_role("tab", name="Edit").get_attribute("aria-selected") == "true"
 
 
-def test_edit_an_uploaded_image(page, tmp_path):
+def start_an_edit(page: Page, steps: int) -> str:
+    """Upload the fixture's input in the Edit tab and start a 64x64 edit; returns the input's src."""
     page.get_by_role("tab", name="Edit").click()
     page.set_input_files("#edit-image input[type=file]", str(TINY / "input_edit.png"))
     page.wait_for_selector("#edit-image img", timeout=30_000)
+    uploaded = page.locator("#edit-image img").get_attribute("src")
     choose_size(page, "edit", "64 × 64 (1:1)")
-    set_slider(page, "edit-steps", 4)
+    set_slider(page, "edit-steps", steps)
     page.fill("#edit-instruction textarea", "Make the circle blue.")
     page.click("#edit-run")
+    return uploaded
+
+
+def test_edit_an_uploaded_image(page, tmp_path):
+    start_an_edit(page, steps=4)
     wait_for_result(page, "edit")
     page.screenshot(path=tmp_path / "edit-result.png")
     assert page.locator("#edit-status").inner_text().startswith("Done")
@@ -178,13 +185,7 @@ def test_stop_ends_a_generation(held_page, tmp_path):
     page.screenshot(path=tmp_path / "stopped.png")
     # A run of the other tab goes through the same connection after anything the stopped one
     # sent: once it is done, a late frame of the stopped run would have landed already.
-    page.get_by_role("tab", name="Edit").click()
-    page.set_input_files("#edit-image input[type=file]", str(TINY / "input_edit.png"))
-    page.wait_for_selector("#edit-image img", timeout=30_000)
-    choose_size(page, "edit", "64 × 64 (1:1)")
-    set_slider(page, "edit-steps", 2)
-    page.fill("#edit-instruction textarea", "Make the circle blue.")
-    page.click("#edit-run")
+    start_an_edit(page, steps=2)
     wait_for_result(page, "edit")
     page.get_by_role("tab", name="Generate").click()
     assert page.locator("#generate-status").inner_text().strip() == "Stopped."
@@ -273,14 +274,8 @@ def test_a_result_png_fills_the_controls_and_other_pngs_get_a_message(page, tmp_
 
 
 def test_an_edit_shows_before_and_after_and_undo_steps_back(page):
-    page.get_by_role("tab", name="Edit").click()
-    page.set_input_files("#edit-image input[type=file]", str(TINY / "input_edit.png"))
-    page.wait_for_selector("#edit-image img", timeout=30_000)
-    original = page.locator("#edit-image img").get_attribute("src")
-    choose_size(page, "edit", "64 × 64 (1:1)")
-    set_slider(page, "edit-steps", 2)
-    page.fill("#edit-instruction textarea", "Make the circle blue.")
-    run_and_wait(page, "edit")
+    original = start_an_edit(page, steps=2)
+    wait_for_result(page, "edit")
     page.wait_for_function("document.querySelectorAll('#edit-compare img').length === 2", timeout=30_000)
     page.click("#use-as-input")
     page.wait_for_function("src => document.querySelector('#edit-image img')?.getAttribute('src') !== src",
