@@ -157,7 +157,8 @@ CONTROLS = {
     "num_images": Control("Settings", 1, lambda t: CheckedSlider(1, 4, value=t.defaults["num_images"], step=1,
                                                                  label="Images")),
     "cfg": Control("Settings", 2, lambda t: CheckedSlider(
-        1, 15, value=t.defaults["cfg"], step=0.1, label="Text guidance", info="How strongly the image follows the text")),
+        1, 15, value=t.defaults["cfg"], step=0.1, label="Text guidance", info="How strongly the image follows the text",
+        elem_id=f"{t.prefix}-cfg")),
     "cfg_img": Control("Settings", 2, lambda t: CheckedSlider(
         1, 10, value=t.defaults["cfg_img"], step=0.1, label="Image guidance",
         info="How strongly the result keeps the input image"), edit_only=True),
@@ -172,7 +173,8 @@ CONTROLS = {
         list(SAMPLERS), value=t.defaults["sampler"], label="Sampler",
         info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")),
     "use_norm": Control("Settings", 5, lambda t: CheckedCheckbox(
-        value=t.defaults["use_norm"], label="Normalise tokens", info="LayerNorm each sampled token (NextStep-1)")),
+        value=t.defaults["use_norm"], label="Normalise tokens", info="LayerNorm each sampled token (NextStep-1)",
+        elem_id=f"{t.prefix}-norm")),
     "seed": Control("Settings", 6, lambda t: CheckedNumber(
         value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label="Seed", elem_id=f"{t.prefix}-seed")),
     "negative_prompt": Control("Prompts", 0, lambda t: gr.Textbox(

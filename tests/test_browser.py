@@ -221,20 +221,20 @@ def set_seed(page: Page, prefix: str, seed: int) -> None:
 
 
 def test_history_keeps_both_results_and_restores_every_setting(page):
-    choose_size(page, "generate", "128 × 64 (2:1)")
-    set_slider(page, "generate-steps", 3)
-    set_seed(page, "generate", 5)
     page.click("text=Prompts")
-    page.fill("#generate-negative textarea", "blurry")
-    page.fill("#generate-prompt textarea", "a red circle")
-    run_and_wait(page, "generate")
-    wait_for_history(page, 1)
-    choose_size(page, "generate", "64 × 64 (1:1)")
-    set_slider(page, "generate-steps", 2)
-    set_seed(page, "generate", 9)
-    page.fill("#generate-negative textarea", "")
-    page.fill("#generate-prompt textarea", "a blue square")
-    run_and_wait(page, "generate")
+    for prompt, size, steps, cfg, seed, norm, negative, positive in (
+        ("a red circle", "128 × 64 (2:1)", 3, 4.5, 5, False, "blurry", "oil painting"),
+        ("a blue square", "64 × 64 (1:1)", 2, 3.0, 9, True, "", ""),
+    ):
+        choose_size(page, "generate", size)
+        set_slider(page, "generate-steps", steps)
+        set_slider(page, "generate-cfg", cfg)
+        set_seed(page, "generate", seed)
+        page.locator("#generate-norm input").set_checked(norm)
+        page.fill("#generate-negative textarea", negative)
+        page.fill("#generate-positive textarea", positive)
+        page.fill("#generate-prompt textarea", prompt)
+        run_and_wait(page, "generate")
     wait_for_history(page, 2)
 
     page.locator("#history-gallery button.thumbnail-item").nth(1).click()  # the older one
@@ -247,7 +247,10 @@ def test_history_keeps_both_results_and_restores_every_setting(page):
     assert page.locator("#generate-steps input[type=number]").input_value() == "3"
     assert page.locator("#generate-seed input").input_value() == "5"
     assert not page.locator("#generate-randomize input").is_checked()
+    assert page.locator("#generate-cfg input[type=number]").input_value() == "4.5"
+    assert not page.locator("#generate-norm input").is_checked()
     assert page.locator("#generate-negative textarea").input_value() == "blurry"
+    assert page.locator("#generate-positive textarea").input_value() == "oil painting"
 
 
 def upload_settings_png(page: Page, path) -> None:
