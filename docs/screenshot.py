@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="default: the tiny test checkpoint")
     parser.add_argument("--vae")
-    first_example = (app.load_examples(app.EXAMPLES)["text_to_image"] or app.FALLBACK_PROMPTS)[0]
+    first_example = app.load_examples(app.SHAPES_EXAMPLES)["text_to_image"][0]
     parser.add_argument("--prompt", default=first_example["prompt"])
     parser.add_argument("--size", default="128 × 128 (1:1)", help="a label of the size menu")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
