@@ -358,6 +358,14 @@ def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.B
     return run, stop
 
 
+@dataclass
+class RunRecord:
+    """How one run of a tab ended: "running" until it is "done", "failed" or "stopped"."""
+
+    outcome: str = "running"
+    ticket: object | None = None  # its Ticket (or GpuTicket), once submitted
+
+
 class RunBook:
     """How each browser session's latest run of each tab ended, for the status line after Stop.
 
@@ -369,21 +377,21 @@ class RunBook:
     LIMIT = 1024  # sessions that closed before their follow-up ran are forgotten oldest first
 
     def __init__(self):
-        self._runs: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, str], RunRecord] = OrderedDict()
 
-    def start(self, key: tuple[str, str]) -> dict:
-        record = {"outcome": "running", "ticket": None}
+    def start(self, key: tuple[str, str]) -> RunRecord:
+        record = RunRecord()
         self._runs[key] = record
         self._runs.move_to_end(key)
         while len(self._runs) > self.LIMIT:
             self._runs.popitem(last=False)
         return record
 
-    def pop(self, key: tuple[str, str]) -> dict | None:
+    def pop(self, key: tuple[str, str]) -> RunRecord | None:
         return self._runs.pop(key, None)
 
 
-async def stream_to_page(service: SharedPipeline | GpuService, record: dict, prompt: str, image, *,
+async def stream_to_page(service: SharedPipeline | GpuService, record: RunRecord, prompt: str, image, *,
                          randomize_seed: bool, preview: str, preview_every, **settings):
     """Yield (preview, gallery, status, parameters, seed) frames for one request; ``settings`` are
     request fields. ``record`` learns how the run ended ("done", "failed" or "stopped")."""
@@ -396,7 +404,7 @@ async def stream_to_page(service: SharedPipeline | GpuService, record: dict, pro
             raise ValueError(f"Seed is empty: enter a whole number between 0 and {MAX_DRAWN_SEED}, or tick "
                              "Randomize seed")
         ticket = service.submit(prompt, image, preview=preview, preview_every=preview_every, **settings)
-        record["ticket"] = ticket
+        record.ticket = ticket
         seed = ticket.request.seed
         yield None, None, "Waiting for the model…", None, seed
         # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
@@ -406,26 +414,26 @@ async def stream_to_page(service: SharedPipeline | GpuService, record: dict, pro
         async for frame in service.frames(ticket):
             if frame.result is not None:
                 images = frame.result.images
-                record["outcome"] = "done"
+                record.outcome = "done"
                 yield tile(images), images, frame.status(), frame.result.parameters, seed
             else:
                 shown_preview = tile(frame.preview) if frame.preview else shown_preview
                 yield shown_preview, None, frame.status(), None, seed
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
-        record["outcome"] = "failed"
+        record.outcome = "failed"
         raise refusal(str(error)) from None
     except (asyncio.CancelledError, GeneratorExit):  # Stop, or the page went away
-        record["outcome"] = "stopped"
+        record.outcome = "stopped"
         raise
     except BaseException:
-        record["outcome"] = "failed"
+        record.outcome = "failed"
         raise
 
 
 async def last_frame(service: SharedPipeline | GpuService, prompt: str, image, **settings) -> tuple:
     """The final (preview, gallery, status, parameters, seed) frame of one request, run without previews."""
     frame = None
-    async for frame in stream_to_page(service, {"outcome": "running", "ticket": None}, prompt, image,
+    async for frame in stream_to_page(service, RunRecord(), prompt, image,
                                       preview="none", preview_every=1, **settings):
         pass
     return frame
@@ -465,10 +473,10 @@ def after_run(book: RunBook, tab: str) -> Callable:
 
     async def status_after(request: gr.Request):
         record = book.pop((request.session_hash, tab))
-        if record is None or record["outcome"] != "stopped":
+        if record is None or record.outcome != "stopped":
             return gr.skip()
-        if record["ticket"] is not None:
-            await asyncio.to_thread(record["ticket"].wait_left, 60)
+        if record.ticket is not None:
+            await asyncio.to_thread(record.ticket.wait_left, 60)
         return STOPPED
 
     return status_after

@@ -20,7 +20,7 @@ from .memory import MemoryPlan, one_request, plan
 from .model import NextStepModel
 from .quantize import check_quantization
 from .prompts import load_tokenizer
-from .settings import read_stored_settings
+from .settings import GenerationRequest, read_stored_settings
 from .vae import AutoencoderKL
 
 
@@ -191,6 +191,13 @@ class NextStepPipeline:
         sampling. ``settings`` are ``GenerationRequest`` fields; those not given take ``defaults``.
         Bad values raise ValueError here, before anything runs."""
         request = self.engine.request(prompt, image, **settings)
+        return self.stream_request(request, preview=preview, preview_every=preview_every)
+
+    def stream_request(
+        self, request: GenerationRequest, *, preview: str = "vae", preview_every: int = 8,
+    ) -> Iterator[StreamEvent]:
+        """``stream`` for a request already completed by ``engine.request`` (one handed between
+        processes, say): nothing is resolved or validated again but the preview settings."""
         run = Run(request, None, _Collect(), preview, check_preview(preview, preview_every))
         return self._events(run)
 

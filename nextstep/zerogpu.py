@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -124,11 +123,8 @@ class GpuTask:
         """In the GPU worker: ``request`` (complete, from ``Engine.request``) through the model's
         token loop, as throttled frames. Closing it (spaces does at the next frame after Stop)
         stops sampling at once."""
-        settings = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)
-                    if f.name not in ("prompt", "image")}
         throttle = FrameThrottle(self.frame_interval)
-        stream = self.pipes[model].stream(request.prompt, request.image, preview=preview,
-                                          preview_every=preview_every, **settings)
+        stream = self.pipes[model].stream_request(request, preview=preview, preview_every=preview_every)
         with contextlib.closing(stream) as events:
             try:
                 for event in events:
