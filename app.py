@@ -2,13 +2,17 @@
 
 UI only: widgets, events and formatting. The settings, their defaults and sizes come from
 ``nextstep.settings`` / ``nextstep.sizes``; the shared model, progress frames and PNG parameters
-from ``nextstep.serving``.
+from ``nextstep.serving`` (or a Ray Serve application's, ``nextstep.remote``); the bounds a public
+page keeps (uploads, disk, readers, endpoints) from ``nextstep.guard``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -23,18 +27,22 @@ except ImportError:
     spaces = None
 
 import gradio as gr
+import httpx
+from gradio.data_classes import ImageData
+from PIL import Image
 
-from nextstep import CheckpointMismatchError, ModelNotFoundError, NextStepPipeline
+from nextstep import CheckpointMismatchError, ModelNotFoundError
 from nextstep.devices import DTYPES, pick_device, pick_dtype, set_threads
+from nextstep.guard import CACHE_LIMIT, MB, CacheBound, PageLimits, ReaderWatch, app_options
 from nextstep.inputs import clean_text, load_image, number
-from nextstep.memory import NotEnoughMemoryError, combine
-from nextstep.pipeline import memory_plan
+from nextstep.memory import NotEnoughMemoryError
 from nextstep.quantize import QUANTIZATIONS
 from nextstep.sampling import SAMPLERS
 from nextstep.scheduler import Busy, GenerationFailed
 from nextstep.pnginfo import read_parameters, with_parameters
+from nextstep.remote import RemoteService, connect
 from nextstep.serving import (
-    HistoryEntry, SharedPipeline, add_to_history, describe, load_examples, tile,
+    HistoryEntry, SharedPipeline, add_to_history, examples_for, load_examples, load_pipelines, tile,
 )
 from nextstep.settings import MAX_DRAWN_SEED, SETTINGS
 from nextstep.sizes import Size, closest_size
@@ -43,12 +51,6 @@ from nextstep.zerogpu import LARGE_SLICE_BYTES, GpuService, GpuTask, on_zero_gpu
 ROOT = Path(__file__).resolve().parent
 LOG = logging.getLogger("nextstep.page")  # refused input: one line each (main() shows them)
 DEFAULT_MODEL = "assets/shapes-model"
-EXAMPLES = ROOT / "assets" / "examples"
-# Which examples fit which model, by the name it is loaded under (a Hub id, or a directory named
-# like the release). Any other model shows none rather than examples meant for another.
-SHAPES_EXAMPLES = EXAMPLES / "examples.json"  # checked against the embedded model
-OFFICIAL_EXAMPLES = EXAMPLES / "official.json"
-OFFICIAL_RELEASES = ("NextStep-1-Large", "NextStep-1-Large-Edit", "NextStep-1-Large-Pretrain", "NextStep-1.1")
 MAX_QUEUE = 16  # requests waiting for the model; more are turned away with a message
 MODEL_QUEUE = "model"  # every event that runs a model shares one queue
 # Requests in flight at once: the scheduler decodes compatible ones in one token loop, so up to
@@ -69,20 +71,17 @@ NO_EDIT_MODEL = (
 @dataclass
 class Services:
     """The loaded models as the page uses them; ``editor`` is None without an edit-capable model.
-    Each is a ``SharedPipeline`` (the batching scheduler) or, on ZeroGPU, a ``GpuService``."""
+    Each is a ``SharedPipeline`` (the batching scheduler), on ZeroGPU a ``GpuService``, or with
+    ``--serve-url`` a ``RemoteService`` (a model of a Ray Serve application)."""
 
-    generator: SharedPipeline | GpuService
-    editor: SharedPipeline | GpuService | None
+    generator: SharedPipeline | GpuService | RemoteService
+    editor: SharedPipeline | GpuService | RemoteService | None
     vae: str | None = None
     examples: dict = field(default_factory=lambda: {"text_to_image": [], "edit": []})
-
-
-def examples_for(model: str) -> Path | None:
-    """The examples file that fits a model, or None."""
-    path = Path(model)
-    if path.is_dir() and path.resolve() == (ROOT / DEFAULT_MODEL).resolve():
-        return SHAPES_EXAMPLES
-    return OFFICIAL_EXAMPLES if path.name in OFFICIAL_RELEASES else None
+    # Requests the page hands the models at once, and how many more wait in its queue: one
+    # scheduler's batch and line here, every replica's together for a Ray Serve application.
+    in_flight: int = MAX_BATCH
+    waiting: int = MAX_QUEUE
 
 
 def load_services(
@@ -101,22 +100,15 @@ def load_services(
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     second = edit_model if edit_model and edit_model != model else None
-    edit_device = edit_device or device
-    plans = {device: [memory_plan(model, device, torch_dtype, quantize, vae)]}
-    if second:
-        plans.setdefault(edit_device, []).append(memory_plan(second, edit_device, torch_dtype, quantize, vae))
-    for on_device in plans.values():
-        combine(on_device).check()
-    placed = [(model, device), *([(second, edit_device)] if second else [])]
-    pipes = [NextStepPipeline.from_pretrained(name, vae=vae, device=on_device, dtype=torch_dtype, quantize=quantize,
-                                              check_memory=False) for name, on_device in placed]
+    placed = [(model, device), *([(second, edit_device or device)] if second else [])]
+    pipes, plan = load_pipelines(placed, vae, torch_dtype, quantize)
     if compile:
         for pipe in pipes:
             pipe.compile()
     if zero_gpu:
         # Models that need more than the default slice ask for the whole GPU (at twice the quota).
-        need = combine([plan for on_device in plans.values() for plan in on_device]).peak_bytes
-        task = GpuTask(pipes, frame_interval, spaces.GPU, size="xlarge" if need > LARGE_SLICE_BYTES else None)
+        size = "xlarge" if plan.peak_bytes > LARGE_SLICE_BYTES else None
+        task = GpuTask(pipes, frame_interval, spaces.GPU, size=size)
         served = [GpuService(task, index) for index in range(len(pipes))]
     else:
         served = [SharedPipeline(pipe, frame_interval) for pipe in pipes]
@@ -125,6 +117,14 @@ def load_services(
     examples = {"text_to_image": load_examples(examples_for(model))["text_to_image"],
                 "edit": load_examples(examples_for(edit_model or model))["edit"]}
     return Services(generator, editor, vae, examples)
+
+
+def remote_services(url: str) -> Services:
+    """The models of a Ray Serve application (``python -m nextstep.serve``) at ``url``; its
+    ``/info`` says which serves which tab and which examples fit them."""
+    cluster = connect(url)
+    examples = {kind: load_examples(cluster.examples[kind])[kind] for kind in ("text_to_image", "edit")}
+    return Services(cluster.generator, cluster.editor, cluster.vae, examples, **cluster.capacity)
 
 
 # ---- the sampling controls: one table, keyed by request field -------------------------------
@@ -236,9 +236,25 @@ class Results:
         return [self.preview, self.gallery, self.status, self.parameters, seed]
 
 
+class LivePreview(gr.Image):
+    """The live preview: each frame travels inside the stream as a JPEG data URL. Written to the
+    cache as files, as ``gr.Image`` does, a request's many frames would fill the disk whether or
+    not anyone looks, and a file removed once shown may still be on its way to a slow reader."""
+
+    is_template = True  # drawn by the frontend as a plain image
+
+    def postprocess(self, value):
+        if not isinstance(value, Image.Image):
+            return super().postprocess(value)
+        buffer = io.BytesIO()
+        value.convert("RGB").save(buffer, "JPEG", quality=90)
+        return ImageData(url="data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(),
+                         orig_name="preview.jpeg", mime_type="image/jpeg")
+
+
 def result_panel(prefix: str) -> Results:
-    preview = gr.Image(label="Live preview", format="jpeg", interactive=False, height=360,
-                       elem_id=f"{prefix}-preview", elem_classes=["live-preview"])
+    preview = LivePreview(label="Live preview", interactive=False, height=360, elem_id=f"{prefix}-preview",
+                          elem_classes=["live-preview"])
     status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
     gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False,
                          height=240, object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
@@ -392,9 +408,12 @@ class RunBook:
 
 
 async def stream_to_page(service: SharedPipeline | GpuService, record: RunRecord, prompt: str, image, *,
-                         randomize_seed: bool, preview: str, preview_every, **settings):
+                         randomize_seed: bool, preview: str, preview_every, limits: PageLimits | None = None,
+                         reader: ReaderWatch | None = None, **settings):
     """Yield (preview, gallery, status, parameters, seed) frames for one request; ``settings`` are
-    request fields. ``record`` learns how the run ended ("done", "failed" or "stopped")."""
+    request fields. ``record`` learns how the run ended ("done", "failed", "stopped" or "dropped":
+    ``reader`` saw nobody take its frames). With ``limits``, the cache is swept when it ends."""
+    watch = None
     try:
         if not clean_text(prompt, "prompt"):
             raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
@@ -405,20 +424,27 @@ async def stream_to_page(service: SharedPipeline | GpuService, record: RunRecord
                              "Randomize seed")
         ticket = service.submit(prompt, image, preview=preview, preview_every=preview_every, **settings)
         record.ticket = ticket
+        if reader is not None:
+            watch = asyncio.create_task(reader.cancel_when_abandoned(ticket))
         seed = ticket.request.seed
         yield None, None, "Waiting for the model…", None, seed
         # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
         # rebuilds a skipped component's whole config (its API schema included), which costs
         # far more than the frame itself and, with many users, slows the model's thread.
         shown_preview = None
-        async for frame in service.frames(ticket):
-            if frame.result is not None:
-                images = frame.result.images
-                record.outcome = "done"
-                yield tile(images), images, frame.status(), frame.result.parameters, seed
-            else:
-                shown_preview = tile(frame.preview) if frame.preview else shown_preview
-                yield shown_preview, None, frame.status(), None, seed
+        # Closed with this generator (Stop closes it while it waits at a yield), not when collected.
+        async with contextlib.aclosing(service.frames(ticket)) as frames:
+            async for frame in frames:
+                if frame.result is not None:
+                    images = frame.result.images
+                    record.outcome = "done"
+                    yield tile(images), images, frame.status(), frame.result.parameters, seed
+                else:
+                    shown_preview = tile(frame.preview) if frame.preview else shown_preview
+                    yield shown_preview, None, frame.status(), None, seed
+        if record.outcome == "running" and watch is not None and watch.done():
+            record.outcome = "dropped"
+            LOG.info("dropped: nobody read the request's frames for %g s", reader.patience)
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
         record.outcome = "failed"
         raise refusal(str(error)) from None
@@ -428,6 +454,11 @@ async def stream_to_page(service: SharedPipeline | GpuService, record: RunRecord
     except BaseException:
         record.outcome = "failed"
         raise
+    finally:
+        if watch is not None:
+            watch.cancel()
+        if limits is not None:
+            limits.cache.poke()  # the result's files are written by now
 
 
 async def last_frame(service: SharedPipeline | GpuService, prompt: str, image, **settings) -> tuple:
@@ -439,9 +470,12 @@ async def last_frame(service: SharedPipeline | GpuService, prompt: str, image, *
     return frame
 
 
-async def final_image_of(service: SharedPipeline | GpuService, prompt: str, image, settings: dict):
+async def final_image_of(service: SharedPipeline | GpuService, prompt: str, image, settings: dict,
+                         reader: ReaderWatch | None = None):
     """The finished picture of one request (several images side by side), carrying its parameters."""
-    _, images, *_ = await last_frame(service, prompt, image, **settings)
+    _, images, *_ = await last_frame(service, prompt, image, reader=reader, **settings)
+    if not images:  # dropped, nobody reading
+        raise refusal("The request was dropped: nobody read its result.")
     # One request's images share its parameters: a sheet of several carries them too.
     return images[0] if len(images) == 1 else with_parameters(tile(images), read_parameters(images[0]))
 
@@ -491,13 +525,13 @@ def picked_image(gallery: list | None, index: int):
 
 
 def model_panel(services: Services) -> None:
-    rows = [("Generate", services.generator.pipe)]
+    rows = [("Generate", services.generator)]
     if services.editor is not None and services.editor is not services.generator:
-        rows.append(("Edit", services.editor.pipe))
+        rows.append(("Edit", services.editor))
     lines = ["| Tab | Checkpoint | Family | Device | dtype | Quantization | Parameters |",
              "|---|---|---|---|---|---|---|"]
-    for tab, pipe in rows:
-        info = describe(pipe)
+    for tab, service in rows:
+        info = service.describe()
         lines.append(f"| {tab} | `{info['checkpoint']}` | {info['family']} | {info['device']} | {info['dtype']} "
                      f"| {info['quantization']} | {info['parameters']} |")
     if services.editor is services.generator:
@@ -587,12 +621,14 @@ def push_undo(stack: list, current) -> list:
 # ---- the page -----------------------------------------------------------------------------
 
 
-def build_demo(services: Services) -> gr.Blocks:
+def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Blocks:
+    """The page; ``serve`` launches it under ``limits`` (the default bounds without)."""
+    limits = limits or PageLimits()
     generator, editor = services.generator, services.editor
     # Without an edit model the Edit tab still shows its controls (its button disabled) for orientation.
-    edit_pipe = (editor or generator).pipe
-    generate_context = TabContext("generate", generator.pipe.defaults(edit=False), generator.pipe.engine.sizes(False))
-    edit_context = TabContext("edit", edit_pipe.defaults(edit=True), edit_pipe.engine.sizes(True))
+    edit_service = editor or generator
+    generate_context = TabContext("generate", generator.defaults(edit=False), generator.sizes(False))
+    edit_context = TabContext("edit", edit_service.defaults(edit=True), edit_service.sizes(True))
     examples = services.examples
     book = RunBook()
     with gr.Blocks(title="NextStep Studio", delete_cache=(1800, 3600)) as demo:
@@ -674,7 +710,8 @@ def build_demo(services: Services) -> gr.Blocks:
                 prompt: what the picture should show
             """
             record = book.start((request.session_hash, "generate"))
-            async for frame in stream_to_page(generator, record, prompt, None, **settings):
+            async for frame in stream_to_page(generator, record, prompt, None, limits=limits,
+                                              reader=reader_of(request), **settings):
                 yield frame
 
         async def edit(image, prompt, request: gr.Request, **settings):
@@ -689,18 +726,22 @@ def build_demo(services: Services) -> gr.Blocks:
                 raise refusal(NO_EDIT_MODEL)
             if image is None:
                 raise refusal("Add an input image first (upload, paste or take a photo).")
-            async for frame in stream_to_page(editor, record, prompt, image, **settings):
+            async for frame in stream_to_page(editor, record, prompt, image, limits=limits,
+                                              reader=reader_of(request), **settings):
                 yield frame
 
-        async def generate_image(prompt, **settings):
-            return await final_image_of(generator, prompt, None, settings)
+        async def generate_image(prompt, request: gr.Request, **settings):
+            return await final_image_of(generator, prompt, None, settings, reader_of(request))
 
-        async def edit_image(image, prompt, **settings):
+        async def edit_image(image, prompt, request: gr.Request, **settings):
             if editor is None:
                 raise refusal(NO_EDIT_MODEL)
             if image is None:
                 raise refusal("Give an input image to edit.")
-            return await final_image_of(editor, prompt, image, settings)
+            return await final_image_of(editor, prompt, image, settings, reader_of(request))
+
+        def reader_of(request: gr.Request) -> ReaderWatch:
+            return ReaderWatch(demo, request.session_hash, limits.reader_patience)
 
         generate_image.__doc__ = tool_description("Generate an image from a text prompt with NextStep-1.",
                                                   ["prompt", *generate_controls.settings, "randomize_seed"])
@@ -712,13 +753,13 @@ def build_demo(services: Services) -> gr.Blocks:
         generation = gr.on(
             [generate_button.click, prompt.submit], generate, [],
             generate_results.outputs(generate_seed), inputs_kwargs=dict(prompt=prompt, **generate_controls.inputs()),
-            api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=MAX_BATCH, show_progress="minimal",
+            api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=services.in_flight, show_progress="minimal",
             show_progress_on=[generate_results.status],
         )
         editing = gr.on(
             [edit_button.click, instruction.submit], edit, [], edit_results.outputs(edit_seed),
             inputs_kwargs=dict(image=input_image, prompt=instruction, **edit_controls.inputs()),
-            api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=MAX_BATCH, show_progress="minimal",
+            api_name="edit", concurrency_id=MODEL_QUEUE, concurrency_limit=services.in_flight, show_progress="minimal",
             show_progress_on=[edit_results.status],
         )
         # For agents (MCP, and API clients that want one answer): the same requests, the final image only.
@@ -782,7 +823,8 @@ def build_demo(services: Services) -> gr.Blocks:
             return closest_size(*size, edit_context.sizes, edit_area).value if size else gr.skip()
 
         input_image.change(size_for_input, input_image, edit_controls.settings["size"], api_visibility="private")
-    demo.queue(max_size=MAX_QUEUE)
+    demo.queue(max_size=services.waiting)
+    demo.page_limits = limits
     return demo
 
 
@@ -805,8 +847,12 @@ def undo_edit(stack: list):
 
 
 def serve(demo: gr.Blocks, host: str, port: int, **options):
-    """Launch with the page's styling and upload limit; returns what ``Blocks.launch`` does."""
-    return demo.launch(server_name=host, server_port=port, max_file_size="20mb", css=CSS, **options)
+    """Launch with the page's styling and the limits ``build_demo`` gave it (an upload's size, the
+    uploads per client and in total, a message for an unknown endpoint); returns what
+    ``Blocks.launch`` does."""
+    offered = [fn.api_name for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"]
+    return demo.launch(server_name=host, server_port=port, max_file_size="20mb", css=CSS,
+                       app_kwargs=app_options(demo.page_limits, offered), **options)
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -840,6 +886,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", default=env("NEXTSTEP_COMPILE") == "1",
                         help="compile the per-token step (and capture it as a CUDA graph on CUDA): each batch "
                              "shape compiles on first use, then runs faster [env NEXTSTEP_COMPILE=1; default: off]")
+    parser.add_argument("--cache-limit", type=int, default=int(env("NEXTSTEP_CACHE_MB", str(CACHE_LIMIT // MB))),
+                        help="MB the page's cache (uploads and results, in GRADIO_TEMP_DIR) may hold; the oldest "
+                             f"files go first [env NEXTSTEP_CACHE_MB; default {CACHE_LIMIT // MB}]")
+    parser.add_argument("--serve-url", default=env("NEXTSTEP_SERVE_URL"),
+                        help="send requests to the Ray Serve application at this address (python -m "
+                             "nextstep.serve) instead of loading a model here; the model flags then belong "
+                             "to that command [env NEXTSTEP_SERVE_URL]")
     parser.add_argument("--mcp", action="store_true", default=env("NEXTSTEP_MCP") == "1",
                         help="also serve /generate and /edit as MCP tools for agents, at /gradio_api/mcp/ "
                              "[env NEXTSTEP_MCP=1; default: off]")
@@ -862,15 +915,22 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
-    set_threads(pick_device(args.device), args.threads)
-    try:
-        services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype,
-                                 quantize=args.quantize, edit_device=args.edit_device, compile=args.compile)
-    except NotEnoughMemoryError as error:
-        sys.exit(f"app.py: error: {error}")
-    except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
-        sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
-    serve(build_demo(services), args.host, args.port, mcp_server=args.mcp)
+    if args.serve_url:
+        try:
+            services = remote_services(args.serve_url)
+        except httpx.HTTPError as error:
+            sys.exit(f"app.py: error: no NextStep application answers at {args.serve_url} ({error})")
+    else:
+        set_threads(pick_device(args.device), args.threads)
+        try:
+            services = load_services(args.model, args.edit_model, args.vae, args.device, args.dtype,
+                                     quantize=args.quantize, edit_device=args.edit_device, compile=args.compile)
+        except NotEnoughMemoryError as error:
+            sys.exit(f"app.py: error: {error}")
+        except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
+            sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
+    limits = PageLimits(cache=CacheBound(limit=args.cache_limit * MB))
+    serve(build_demo(services, limits), args.host, args.port, mcp_server=args.mcp)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ import importlib.util
 import json
 import math
 import resource
+import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -33,10 +35,12 @@ from .hub import CONFIG_FILES, resolve_directory
 from .memory import MemoryPlan, Workload, one_request, plan
 from .model import NextStepModel
 from .pipeline import NextStepPipeline
+from .preview import PreviewWorker
 from .prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, guidance_branches
 from .quantize import QUANTIZATIONS
 from .sampling import sample_token
 from .scheduler import Scheduler
+from .serving import FRAME_INTERVAL
 from .settings import GenerationRequest, add_setting_flags, given_settings
 from .sizes import Size
 from .vae import AutoencoderKL, VAEConfig
@@ -120,16 +124,20 @@ class PhaseTimer(Hooks):
             self.seconds[phase] += time.perf_counter() - start
 
 
-def timed_phases(pipe: NextStepPipeline, work: tuple, settings: dict, preview: str, preview_every: int) -> PhaseTimer:
+def timed_phases(pipe: NextStepPipeline, work: tuple, settings: dict, preview: str,
+                 preview_every: int) -> tuple[PhaseTimer, PreviewWorker]:
     """One generation of ``work`` (prompt, input image or None) through the engine with a
-    ``PhaseTimer`` (its synchronisation makes it for the split only)."""
+    ``PhaseTimer`` (its synchronisation makes it for the split only), and the preview worker
+    that decoded its previews (with their count and time)."""
     engine, timer = pipe.engine, PhaseTimer(pipe.device)
+    previews = PreviewWorker(engine.previewer, engine.device)
     run = Run(engine.request(*work, **settings), None, _Discard(), preview, preview_every)
     run.job = engine.prepare(run.request)
-    for _ in engine.decode([run], timer):
+    for _ in engine.decode([run], timer, previews):
         pass
     engine.finish(run, timer)
-    return timer
+    previews.wait_idle()
+    return timer, previews
 
 
 class _Discard:
@@ -186,9 +194,21 @@ def timed_generation(pipe: NextStepPipeline, work: tuple, settings: dict, previe
     return dict(seconds=time.perf_counter() - start, first_preview=first_preview, result=result)
 
 
+def paired(timed: Callable, preview: str, repeat: int) -> list[tuple]:
+    """``repeat`` pairs (``timed("none")``, ``timed(preview)``), the one with previews first in every other."""
+    pairs = []
+    for index in range(repeat):
+        if index % 2:
+            on = timed(preview)
+            pairs.append((timed("none"), on))
+        else:
+            pairs.append((timed("none"), timed(preview)))
+    return pairs
+
+
 def timed_on_page(scheduler: Scheduler, work: tuple, settings: dict, preview: str, preview_every: int) -> float:
     """Seconds to the result of one request through the scheduler, as the page runs it (previews
-    decoded beside the token loop)."""
+    decoded beside the token loop, at most one per frame the page sends)."""
     _synchronize(scheduler.engine.device)
     start = time.perf_counter()
     for _ in scheduler.submit(*work, preview=preview, preview_every=preview_every, **settings):
@@ -274,20 +294,20 @@ def run(args) -> dict:
 
     # Warm-up, with previews: the first fast preview fits its latent-to-RGB map once per VAE.
     timed_generation(pipe, work, dict(settings, size=(pipe.engine.down_factor * 2,) * 2), args.preview, 1)
-    # Best of --repeat, previews off and on taken in turn, so that a busy moment of the machine
-    # does not land on one side of the comparison only.
-    runs = [(timed_generation(pipe, work, settings, "none", args.preview_every),
-             timed_generation(pipe, work, settings, args.preview, args.preview_every)) for _ in range(args.repeat)]
+    # Previews off and on in pairs, --repeat of them, which goes first alternating, so that neither
+    # a busy moment of the machine nor the order lands on one side of the comparison only.
+    runs = paired(lambda preview: timed_generation(pipe, work, settings, preview, args.preview_every),
+                  args.preview, args.repeat)
     plain = min((off for off, _ in runs), key=lambda timing: timing["seconds"])
     with_previews = min((on for _, on in runs), key=lambda timing: timing["seconds"])
-    scheduler = Scheduler(pipe.engine, gather_seconds=0.0)
+    scheduler = Scheduler(pipe.engine, gather_seconds=0.0, preview_interval=FRAME_INTERVAL)
     try:
-        page = [(timed_on_page(scheduler, work, settings, "none", args.preview_every),
-                 timed_on_page(scheduler, work, settings, args.preview, args.preview_every))
-                for _ in range(args.repeat)]
+        page = paired(lambda preview: timed_on_page(scheduler, work, settings, preview, args.preview_every),
+                      args.preview, args.repeat)
     finally:
         scheduler.close()
-    split = timed_phases(pipe, work, settings, args.preview, args.preview_every).seconds
+    timer, previews = timed_phases(pipe, work, settings, args.preview, args.preview_every)
+    split = timer.seconds
     prompt_rows = pipe.engine.prepare(request).input_ids  # (branches * images, prompt length)
     backbone = backbone_step_seconds(pipe, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2)
     report = dict(
@@ -302,14 +322,16 @@ def run(args) -> dict:
         ms_per_token_split=dict(
             token_step=1000 * split["step"] / tokens,
             backbone_alone=1000 * backbone,
-            preview=1000 * split["preview"] / tokens,
         ),
+        previews_decoded=previews.decoded,  # of those due, beside the loop: none is waited for
+        preview_decode_ms=1000 * previews.decode_seconds / previews.decoded if previews.decoded else None,
         final_decode_ms=1000 * split["finish"],
         first_preview_seconds=with_previews["first_preview"],
-        preview_overhead=with_previews["seconds"] / plain["seconds"],
-        # The page's path: previews decoded beside the token loop (pipe.stream decodes them in it).
+        # The median of the pairs' ratios: steadier than a ratio of two bests where runs vary by 5-10 %.
+        preview_overhead=statistics.median(on["seconds"] / off["seconds"] for off, on in runs),
+        # The page's path: the scheduler, its previews capped at one per frame the page sends.
         seconds_per_image_on_page=min(off for off, _ in page),
-        preview_overhead_on_page=min(on for _, on in page) / min(off for off, _ in page),
+        preview_overhead_on_page=statistics.median(on / off for off, on in page),
     )
     if args.compare_baseline:
         baseline_seconds = math.inf
@@ -329,7 +351,7 @@ def run(args) -> dict:
 
 def format_table(report: dict) -> str:
     split = report["ms_per_token_split"]
-    first = report["first_preview_seconds"]
+    first, decode_ms = report["first_preview_seconds"], report["preview_decode_ms"]
     lines = [
         f"model               {report['model']}  ({report['device']}, {report['dtype']}"
         f"{', weights ' + report['quantize'] if report['quantize'] else ''}, {report['threads']} threads"
@@ -341,13 +363,14 @@ def format_table(report: dict) -> str:
         f"ms per token        {report['ms_per_token']:.2f}",
         f"  token step        {split['token_step']:.2f}  (backbone alone, timed apart: "
         f"{split['backbone_alone']:.2f})",
-        f"  preview decode    {split['preview']:.2f}  ({report['preview']} every {report['preview_every']} tokens)",
+        f"preview decode      {'-' if decode_ms is None else f'{decode_ms:.1f} ms'} each, beside the loop "
+        f"({report['previews_decoded']} decoded; {report['preview']} every {report['preview_every']} tokens)",
         f"final VAE decode    {report['final_decode_ms']:.1f} ms",
         f"first preview       {'-' if first is None else f'{first:.3f} s'}",
         f"preview overhead    x{report['preview_overhead']:.3f}  "
-        f"({report['seconds_per_image_with_previews']:.3f} s with previews, decoded in the loop: pipe.stream)",
+        f"({report['seconds_per_image_with_previews']:.3f} s with previews: pipe.stream)",
         f"  on the page       x{report['preview_overhead_on_page']:.3f}  "
-        f"(decoded beside the loop; {report['seconds_per_image_on_page']:.3f} s without previews)",
+        f"(at most one per {FRAME_INTERVAL:g} s frame; {report['seconds_per_image_on_page']:.3f} s without previews)",
     ]
     if "speedup_over_baseline" in report:
         lines.append(
@@ -381,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="compile the per-token step (pipe.compile(); a CUDA graph on CUDA); timed after warm-up")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
-    parser.add_argument("--repeat", type=int, default=3, help="time each variant this many times, keep the best")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="time each variant this many times, keep the best (previews off and on: in "
+                             "pairs, the median of their ratios)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     set_threads(args.device, args.threads)

@@ -13,6 +13,7 @@ tokens into its result.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -121,6 +122,8 @@ class Engine:
         self.stored = stored
         self.prompts = PromptBuilder(tokenizer, self.config.boi, bos_as_text=family.bos_as_text)
         self.previewer = Previewer(vae, self.config.latent_patch_size)
+        self._previews: PreviewWorker | None = None  # ``decode``'s own, made at first use
+        self._previews_pid = os.getpid()
         self.step: Step = decode_step  # the per-token step; ``compile`` swaps in the compiled one
         self.cuda_graph = False
         # Where an edit prompt without ``<image>`` takes the input image: as the model was trained
@@ -267,8 +270,10 @@ class Engine:
     def decode(self, runs: list[Run], hooks: Hooks = NO_HOOKS, previews: PreviewWorker | None = None) -> Iterator[int]:
         """The token loop for ``runs`` (sharing one batch key): yields the number of tokens done
         after each step. Marks the runs that got every token ``decoded``; closing the generator
-        stops sampling at once. Previews are decoded in the loop, or by ``previews`` beside it
-        (each then reaches its sink a little later, and one may be skipped while the last is decoding)."""
+        stops sampling at once. Previews are decoded beside the loop, by ``previews`` (else the
+        engine's own worker): each reaches its run's sink a little after its token, one due while
+        the run's last is still decoding is skipped, and the loop never waits for one."""
+        previews = previews or self.previews
         with torch.inference_mode(), hooks.timed("prefill"):
             decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table, step=self.step,
                                    cuda_graph=self.cuda_graph)
@@ -282,22 +287,21 @@ class Engine:
                     active.remove(run)
                     run.sink.dropped()
                     continue
-                due = run.preview_due(done)
-                if due and previews is not None:
+                if run.preview_due(done):
                     previews.offer(run, done, lambda at, images, total=run.job.total: StreamEvent(at, total, images))
-                    due = False
-                if done < run.job.total and (due or run.sink.wants_progress()):
-                    with hooks.timed("preview") if due else contextlib.nullcontext():
-                        preview = self.preview(run.job, run.preview) if due else None
-                    run.sink.progress(StreamEvent(done, run.job.total, preview))
+                if done < run.job.total and run.sink.wants_progress():
+                    run.sink.progress(StreamEvent(done, run.job.total, None))
             yield done
         for run in active:
             run.decoded = True
 
-    @torch.inference_mode()
-    def preview(self, job: DecodeJob, mode: str) -> list[Image.Image]:
-        """The job's partly sampled grid as pictures; tokens not sampled yet are zero."""
-        return self.previewer(job.tokens, job.grid, mode)
+    @property
+    def previews(self) -> PreviewWorker:
+        """The engine's own preview worker (a scheduler brings one of its own). A forked process
+        (ZeroGPU's GPU worker) makes one of its own: a thread does not survive a fork."""
+        if self._previews is None or self._previews_pid != os.getpid():
+            self._previews, self._previews_pid = PreviewWorker(self.previewer, self.device), os.getpid()
+        return self._previews
 
     @torch.inference_mode()
     def finish(self, run: Run, hooks: Hooks = NO_HOOKS) -> StreamEvent:

@@ -2,7 +2,8 @@
 
 Each of ``--clients`` threads opens its own ``gradio_client`` connection and sends
 ``--requests`` generations one after another through the ``/generate`` endpoint; the run
-reports images per second, p50/p95 latency and failed requests. It only talks to this machine
+reports images per second, p50/p95 latency and failed requests (a result that is not the
+request's own, by the seed and prompt it carries, counts as failed). It only talks to this machine
 (loopback addresses) and stops sending after ``--time-limit`` seconds.
 """
 
@@ -44,10 +45,14 @@ def client_loop(client: Client, index: int, requests: int, deadline: float, sett
         prompt = PROMPTS[(index + n) % len(PROMPTS)]
         start = time.monotonic()
         try:
-            outputs = client.predict(prompt=prompt, seed=1000 * index + n, randomize_seed=False, **settings,
-                                     api_name="/generate")
+            seed = 1000 * index + n
+            outputs = client.predict(prompt=prompt, seed=seed, randomize_seed=False, **settings, api_name="/generate")
             images = len(outputs[1]) if isinstance(outputs, (list, tuple)) and outputs[1] else 0
-            outcome = dict(ok=images > 0, images=images, seconds=time.monotonic() - start, error=None)
+            # The parameters shown with the images: this request's, not another's.
+            shown = outputs[3] if images else {}
+            mixed = images > 0 and (shown.get("seed"), shown.get("prompt")) != (seed, prompt)
+            error = f"got another request's result (seed {shown.get('seed')})" if mixed else None
+            outcome = dict(ok=images > 0 and not mixed, images=images, seconds=time.monotonic() - start, error=error)
         except Exception as error:  # noqa: BLE001 - a failed request is a result of the test
             outcome = dict(ok=False, images=0, seconds=time.monotonic() - start, error=str(error)[:200])
         with lock:

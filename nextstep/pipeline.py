@@ -6,6 +6,8 @@ settings) is here; completing requests, the token loop and decoding are the engi
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,10 +57,22 @@ def memory_plan(
 
 
 class _Collect:
-    """The sink of a single ``stream``: events wait in a list until the stream yields them."""
+    """The sink of a single ``stream``: the loop's event for each token waits here until the stream
+    yields it, a preview (from the engine's preview worker, on its own thread) riding on the first
+    one after it is ready."""
 
     def __init__(self):
-        self.events: list[StreamEvent] = []
+        self._events: list[StreamEvent] = []
+        self._preview: list | None = None
+        self._lock = threading.Lock()
+
+    def take(self) -> list[StreamEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+            if events and self._preview is not None:
+                events[0] = dataclasses.replace(events[0], preview=self._preview)
+                self._preview = None
+        return events
 
     def should_stop(self) -> bool:
         return False  # closing the stream is how its caller stops it
@@ -67,7 +81,11 @@ class _Collect:
         return True
 
     def progress(self, event: StreamEvent) -> None:
-        self.events.append(event)
+        with self._lock:
+            if event.preview is not None:
+                self._preview = event.preview
+            else:
+                self._events.append(event)
 
     def dropped(self) -> None:
         raise AssertionError("a single stream is never dropped")
@@ -186,10 +204,12 @@ class NextStepPipeline:
         self, prompt: str, image: Image.Image | None = None, *, preview_every: int = 8, preview: str = "vae",
         **settings,
     ) -> Iterator[StreamEvent]:
-        """Yield one event per sampled token; previews ("vae", "fast" or "none") every
-        ``preview_every`` tokens; the last event carries the result. Closing the generator stops
-        sampling. ``settings`` are ``GenerationRequest`` fields; those not given take ``defaults``.
-        Bad values raise ValueError here, before anything runs."""
+        """Yield one event per sampled token; previews ("vae", "fast" or "none") of every
+        ``preview_every``-th token, decoded beside the token loop, each on the first event after it
+        is ready (one due while the last is still decoding is skipped); the last event carries the
+        result. Closing the generator stops sampling. ``settings`` are ``GenerationRequest``
+        fields; those not given take ``defaults``. Bad values raise ValueError here, before
+        anything runs."""
         request = self.engine.request(prompt, image, **settings)
         return self.stream_request(request, preview=preview, preview_every=preview_every)
 
@@ -204,6 +224,5 @@ class NextStepPipeline:
     def _events(self, run: Run) -> Iterator[StreamEvent]:
         run.job = self.engine.prepare(run.request)
         for _ in self.engine.decode([run]):
-            yield from run.sink.events
-            run.sink.events.clear()
+            yield from run.sink.take()
         yield self.engine.finish(run)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -79,13 +82,21 @@ class PreviewWorker:
     the picture reaches the run's sink as a ``StreamEvent`` when it is ready. A run whose previous
     preview is still being decoded gets none this time (its next one is at most a cadence away),
     so previews never queue up behind a slow decoder, and the loop and the final decode never
-    wait behind them."""
+    wait behind them.
 
-    def __init__(self, decode: Callable[[torch.Tensor, tuple[int, int], str], list[Image.Image]], device):
+    ``min_interval``: the fewest seconds between the starts of two previews of one run. A page
+    shows a frame per ``frame_interval`` at most; decoding more would only take the processor
+    (and, on a CPU, the interpreter's lock) from the token loop for pictures nobody sees."""
+
+    def __init__(self, decode: Callable[[torch.Tensor, tuple[int, int], str], list[Image.Image]], device,
+                 min_interval: float = 0.0):
         self._decode = decode
         self._device = torch.device(device)
+        self.min_interval = min_interval
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._busy: set[int] = set()  # ids of runs with a preview in flight
+        self._started: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # run -> its last preview's start
+        self.decoded, self.decode_seconds = 0, 0.0  # previews decoded so far, and the time it took
         self._lock = threading.Condition()
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         threading.Thread(target=self._work, name="nextstep-previews", daemon=True).start()
@@ -93,10 +104,12 @@ class PreviewWorker:
     def offer(self, run, done: int, make_event: Callable) -> bool:
         """Decode ``run``'s preview after ``done`` tokens unless one is in flight; True if taken.
         ``make_event(done, images)`` builds what the sink receives."""
+        now = time.monotonic()
         with self._lock:
-            if id(run) in self._busy:
+            if id(run) in self._busy or now - self._started.get(run, -math.inf) < self.min_interval:
                 return False
             self._busy.add(id(run))
+            self._started[run] = now
         tokens = run.job.tokens.clone()  # the loop goes on writing into the original
         ready = None
         if self._stream is not None:  # the clone is queued on the loop's stream: wait for it there
@@ -110,10 +123,12 @@ class PreviewWorker:
             run, done, tokens, ready, make_event = self._jobs.get()
             try:
                 on_stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+                start = time.perf_counter()
                 with torch.inference_mode(), on_stream:
                     if ready is not None:
                         self._stream.wait_event(ready)
-                    images = self._decode(tokens, run.job.grid, run.preview)
+                    images = self._decode(tokens, run.job.grid, run.preview)  # PIL images: on the host by now
+                self.decoded, self.decode_seconds = self.decoded + 1, self.decode_seconds + time.perf_counter() - start
                 run.sink.progress(make_event(done, images))
             except Exception as error:  # noqa: BLE001 - a preview that fails must not fail its request
                 logging.getLogger(__name__).warning("a preview could not be decoded: %r", error)

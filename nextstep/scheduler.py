@@ -194,8 +194,10 @@ class Scheduler:
     def __init__(
         self, engine: Engine, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0,
         gather_seconds: float = 0.25, regather_seconds: float = 1.0, cost_ratio: float = 2.0,
+        preview_interval: float = 0.0,
     ):
-        """cost_ratio: the most images one request of a batch may ask for per image of another.
+        """preview_interval: the fewest seconds between two previews of one request (``PreviewWorker``).
+        cost_ratio: the most images one request of a batch may ask for per image of another.
         Requests that share a batch key differ in cost only by their images (their rows of the
         token loop; previews are decoded off it), so no request is slowed by more than this factor
         against a batch of requests like its own. A request too far from the oldest one waits
@@ -220,7 +222,7 @@ class Scheduler:
         self._condition = threading.Condition()
         self._closed = False
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextstep-finish")
-        self._previews = PreviewWorker(engine.previewer, engine.device)
+        self._previews = PreviewWorker(engine.previewer, engine.device, preview_interval)
         self._worker = threading.Thread(target=self._work, name="nextstep-scheduler", daemon=True)
         self._worker.start()
 

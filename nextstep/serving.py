@@ -19,9 +19,43 @@ from pathlib import Path
 from PIL import Image
 
 from .engine import GenerationResult, StreamEvent
-from .pipeline import NextStepPipeline
+from .memory import MemoryPlan, combine
+from .pipeline import NextStepPipeline, memory_plan
 from .pnginfo import read_parameters, with_parameters
 from .scheduler import Scheduler, Ticket
+from .sizes import Size
+
+# Which examples fit which model, by the name it is loaded under (a Hub id, or a directory named
+# like the release). Any other model shows none rather than examples meant for another.
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+EMBEDDED_MODEL = EXAMPLES.parent / "shapes-model"
+SHAPES_EXAMPLES = EXAMPLES / "examples.json"  # checked against the embedded model
+OFFICIAL_EXAMPLES = EXAMPLES / "official.json"
+OFFICIAL_RELEASES = ("NextStep-1-Large", "NextStep-1-Large-Edit", "NextStep-1-Large-Pretrain", "NextStep-1.1")
+
+
+def load_pipelines(
+    placed: list[tuple[str, str]], vae: str | None, dtype, quantize: str | None,
+) -> tuple[list[NextStepPipeline], MemoryPlan]:
+    """Load each (model, device) of ``placed``, after checking before any weight is read that they
+    fit their devices together (``NotEnoughMemoryError`` otherwise, naming the need and the
+    options). Also returns the plan of all of them: what they need at once."""
+    plans: dict[str, list[MemoryPlan]] = {}
+    for name, device in placed:
+        plans.setdefault(device, []).append(memory_plan(name, device, dtype, quantize, vae))
+    for on_device in plans.values():
+        combine(on_device).check()
+    pipes = [NextStepPipeline.from_pretrained(name, vae=vae, device=device, dtype=dtype, quantize=quantize,
+                                              check_memory=False) for name, device in placed]
+    return pipes, combine([plan for on_device in plans.values() for plan in on_device])
+
+
+def examples_for(model: str) -> Path | None:
+    """The examples file that fits a model, or None."""
+    path = Path(model)
+    if path.is_dir() and path.resolve() == EMBEDDED_MODEL:
+        return SHAPES_EXAMPLES
+    return OFFICIAL_EXAMPLES if path.name in OFFICIAL_RELEASES else None
 
 
 def describe(pipe: NextStepPipeline) -> dict[str, str]:
@@ -116,6 +150,8 @@ def clock(seconds: float) -> str:
 
 # ---- progress and the shared model --------------------------------------------------------
 
+FRAME_INTERVAL = 0.25  # seconds: the most frames a page is sent, and previews decoded, per request
+
 
 @dataclass
 class Progress:
@@ -149,45 +185,71 @@ class Progress:
 class FrameThrottle:
     """Turns a request's token events into the frames a front end shows: at most one progress frame
     per ``frame_interval`` seconds (keeping the latest preview until one goes out), and always the
-    result, its images carrying their parameters. Feed it the events in order."""
+    result, its images carrying their parameters. Feed it the events as they come: a preview,
+    decoded beside the token loop, may come after the events of later tokens, so the count shown
+    is the highest seen."""
 
     def __init__(self, frame_interval: float):
         self.frame_interval = frame_interval
         self._start: float | None = None
         self._last_frame = -math.inf
         self._pending: list[Image.Image] | None = None
+        self._done = 0
 
     def __call__(self, event: StreamEvent) -> Progress | None:
         now = time.monotonic()
         self._start = self._start if self._start is not None else now  # the first token: the model is at work
         self._pending = event.preview or self._pending
+        self._done = max(self._done, event.done)
         if event.result is not None:
             for image in event.result.images:
                 with_parameters(image, event.result.parameters)
             return Progress(event.done, event.total, now - self._start, result=event.result)
         if now - self._last_frame < self.frame_interval:
             return None
-        frame = Progress(event.done, event.total, now - self._start, preview=self._pending)
+        frame = Progress(self._done, event.total, now - self._start, preview=self._pending)
         self._last_frame, self._pending = now, None
         return frame
 
 
-class SharedPipeline:
+class ModelFacts:
+    """What a page builds itself from, for a service holding a loaded pipeline as ``pipe``. Every
+    service the page uses offers these (a remote one from the cluster's description)."""
+
+    pipe: NextStepPipeline
+
+    @property
+    def supports_images(self) -> bool:
+        return self.pipe.supports_images
+
+    def defaults(self, edit: bool) -> dict:
+        return self.pipe.defaults(edit=edit)
+
+    def sizes(self, edit: bool) -> list[Size]:
+        return self.pipe.engine.sizes(edit)
+
+    def describe(self) -> dict[str, str]:
+        return describe(self.pipe)
+
+
+class SharedPipeline(ModelFacts):
     """One pipeline used by many callers through a ``Scheduler``: concurrent requests that can
     share a token loop are decoded together, each keeps its own result, and closing a stream
     (Stop, a closed tab) withdraws that request alone at the next token.
 
     Frames are throttled to one per ``frame_interval`` seconds, so a fast model does not flood
     the browser; the latest preview is kept until it can be sent, and the result always is.
+    No request's previews are decoded more often than that either.
     """
 
     def __init__(
-        self, pipe: NextStepPipeline, frame_interval: float = 0.25, max_batch: int = 8, max_waiting: int = 16,
+        self, pipe: NextStepPipeline, frame_interval: float = FRAME_INTERVAL, max_batch: int = 8, max_waiting: int = 16,
         time_limit: float = 600.0,
     ):
         self.pipe = pipe
         self.frame_interval = frame_interval
-        self.scheduler = Scheduler(pipe.engine, max_batch=max_batch, max_waiting=max_waiting, time_limit=time_limit)
+        self.scheduler = Scheduler(pipe.engine, max_batch=max_batch, max_waiting=max_waiting, time_limit=time_limit,
+                                   preview_interval=frame_interval)
 
     @property
     def busy(self) -> bool:

@@ -11,7 +11,7 @@ from the worker. One task serves every loaded model, so all of them move into th
 worker, whichever tab asks.
 
 ``GpuService`` puts that task behind the interface the page uses for a ``SharedPipeline``
-(``submit``, ``frames``, ``busy``, ``pipe``), so the page streams both the same way.
+(``submit``, ``frames``, ``busy`` and ``ModelFacts``), so the page streams both the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .engine import check_preview
 from .model import NextStepModel
 from .pipeline import NextStepPipeline
 from .prompts import guidance_branches
-from .serving import FrameThrottle, Progress
+from .serving import FrameThrottle, ModelFacts, Progress
 from .settings import GenerationRequest
 
 # What a GPU task costs, in seconds on the default ("large") slice of the H200 that spaces'
@@ -159,7 +159,7 @@ class GpuTicket:
         return self._left.wait(timeout)
 
 
-class GpuService:
+class GpuService(ModelFacts):
     """One model of a ``GpuTask``, served as a ``SharedPipeline`` is (see the module's docstring)."""
 
     def __init__(self, task: GpuTask, model: int):

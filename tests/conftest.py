@@ -1,5 +1,7 @@
 import json
 import shutil
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 
 from nextstep import NextStepPipeline
 from nextstep.devices import set_threads
+from nextstep.engine import NO_HOOKS, Engine
 from nextstep.prompts import guidance_branches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +68,36 @@ def tiny_with_stored_settings(directory: Path, stored: dict) -> NextStepPipeline
     shutil.copytree(TINY / "model", model)
     (model / "generation_config.json").write_text(json.dumps(stored))
     return NextStepPipeline.from_pretrained(model, vae=TINY / "vae")
+
+
+def _delivered(steps: Iterator[int], previews) -> Iterator[int]:
+    """A token loop's steps, each once the previews offered so far have been delivered, so that how
+    many previews a front end sees does not depend on the machine's speed (the app itself never
+    waits for a preview: tests/test_scheduler.py checks that)."""
+    for done in steps:
+        previews.wait_idle(60)
+        yield done
+
+
+def deliver_previews_before_next_token(engine) -> None:
+    """``_delivered`` for good, for an engine of the test's own."""
+    decode = engine.decode
+    engine.decode = lambda runs, hooks=NO_HOOKS, previews=None: _delivered(decode(runs, hooks, previews),
+                                                                            previews or engine.previews)
+
+
+@pytest.fixture
+def every_preview_delivered(tiny_pipe, monkeypatch):
+    """``_delivered`` for every engine, for one test: those it makes, and the shared tiny one
+    (set on it too: an earlier test's monkeypatch may have left the method on the instance)."""
+    decode = Engine.decode
+
+    def delivered(engine, runs, hooks=NO_HOOKS, previews=None):
+        return _delivered(decode(engine, runs, hooks, previews), previews or engine.previews)
+
+    # The instance first: what it had (its own or the class's method) is what it gets back after.
+    monkeypatch.setattr(tiny_pipe.engine, "decode", types.MethodType(delivered, tiny_pipe.engine))
+    monkeypatch.setattr(Engine, "decode", delivered)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -23,7 +26,7 @@ from nextstep.pnginfo import read_parameters
 from nextstep.serving import SharedPipeline, load_examples
 from nextstep.sizes import Size, closest_size
 
-from .conftest import ROOT, TINY, tiny_with_stored_settings
+from .conftest import ROOT, TINY, deliver_previews_before_next_token, tiny_with_stored_settings
 
 INPUT_IMAGE = TINY / "input_edit.png"
 # 128x64 is 8x4 = 32 tokens on the tiny model: quick, non-square, and long enough for many previews.
@@ -42,26 +45,36 @@ def free_port() -> int:
 
 def tiny_services(frame_interval: float = 0.0) -> app.Services:
     """The page's services on the tiny model, each preview delivered before the next token is
-    sampled, so that how many previews a page sees does not depend on the machine's speed (the
-    app itself never waits for a preview: tests/test_scheduler.py checks that)."""
+    sampled (``deliver_previews_before_next_token``)."""
     services = app.load_services(str(TINY / "model"), None, str(TINY / "vae"), "cpu", "float32", frame_interval)
-    engine = services.generator.pipe.engine
-    decode = engine.decode
-
-    def decode_delivering_previews(runs, *args, previews=None, **kwargs):
-        for done in decode(runs, *args, previews=previews, **kwargs):
-            yield done
-            if previews is not None:
-                previews.wait_idle(60)
-
-    engine.decode = decode_delivering_previews
+    deliver_previews_before_next_token(services.generator.pipe.engine)
     return services
 
 
+def held_until_stopped(engine, monkeypatch) -> threading.Event:
+    """Make the engine's token loop wait after each token until its text-to-image requests are
+    cancelled, so that a generation is certain to be running when Stop lands, whatever the
+    machine's speed (edits run as usual). Returns an event set once a held loop is running."""
+    running = threading.Event()
+    decode = engine.decode
+
+    def held(runs, *args, **kwargs):
+        for done in decode(runs, *args, **kwargs):
+            yield done
+            running.set()
+            for run in runs:
+                while not run.request.edit and not run.sink.cancelled:
+                    run.sink._cancelled.wait(60)
+                    assert run.sink.cancelled, "Stop never reached the request"
+
+    monkeypatch.setattr(engine, "decode", held)
+    return running
+
+
 @contextmanager
-def launched(services: app.Services):
-    """The app on a free local port; yields its URL."""
-    demo = app.build_demo(services)
+def launched(services: app.Services, limits=None):
+    """The app on a free local port (under ``limits``: app.PageLimits, default ones without); yields its URL."""
+    demo = app.build_demo(services, limits)
     _, url, _ = app.serve(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield url
@@ -81,16 +94,22 @@ def client(served) -> Client:
     return Client(served[0], verbose=False)
 
 
-def run(client: Client, api_name: str, **inputs) -> tuple[list[str], tuple]:
-    """(preview files streamed before the final images, the final outputs)."""
+def run(client: Client, api_name: str, **inputs) -> tuple[list[np.ndarray], tuple]:
+    """(the preview pictures streamed before the final images, the final outputs)."""
     job = client.submit(api_name=api_name, **inputs)
     previews = []
     for preview, gallery, *_ in job:
         if isinstance(gallery, list) and gallery:
             break
-        if isinstance(preview, str):
-            previews.append(preview)
+        if preview is not None:
+            previews.append(preview_pixels(preview))
     return previews, job.outputs()[-1]
+
+
+def preview_pixels(preview: dict) -> np.ndarray:
+    """A live preview frame's picture: it arrives inside the stream, as a data URL, never as a file."""
+    assert preview["path"] is None and preview["url"].startswith("data:image/jpeg;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(preview["url"].split(",", 1)[1]))))
 
 
 def pixels(path: str) -> np.ndarray:
@@ -107,7 +126,7 @@ def final_images(outputs: tuple) -> list[str]:
 @pytest.mark.slow
 def test_generate_streams_previews_then_a_png_with_its_parameters(client):
     previews, outputs = run(client, "/generate", **GENERATE)
-    distinct = {pixels(path).tobytes() for path in previews}
+    distinct = {preview.tobytes() for preview in previews}
     assert len(distinct) >= 3, "the preview should change several times before the final image"
     [final] = final_images(outputs)
     image = Image.open(final)
@@ -151,7 +170,7 @@ def test_several_images_per_request(client):
     _, outputs = run(client, "/generate", **dict(GENERATE, size="64x64", num_images=2, preview="fast"))
     images = final_images(outputs)
     assert len(images) == 2 and all(Image.open(path).size == (64, 64) for path in images)
-    assert Image.open(outputs[0]).size == (128, 64), "the preview shows both pictures side by side"
+    assert preview_pixels(outputs[0]).shape[:2] == (64, 128), "the preview shows both pictures side by side"
 
 
 @pytest.mark.slow
@@ -159,7 +178,7 @@ def test_edit_streams_previews_then_a_png_with_its_parameters(client):
     inputs = dict(image=handle_file(str(INPUT_IMAGE)), prompt="Make it blue.", size="64x64", num_sampling_steps=4,
                   seed=3, randomize_seed=False, preview_every=2)
     previews, outputs = run(client, "/edit", **inputs)
-    assert len({pixels(path).tobytes() for path in previews}) >= 3
+    assert len({preview.tobytes() for preview in previews}) >= 3
     [final] = final_images(outputs)
     assert Image.open(final).size == (64, 64)
     stored = read_parameters(final)
@@ -200,13 +219,11 @@ def test_concurrent_requests_do_not_mix(served):
     assert not np.array_equal(together[0], together[1])
 
 
-def start_long_generation(client: Client):
-    """A 256x256, 50-step generation (many seconds here), returned once it shows progress."""
-    job = client.submit(api_name="/generate", **dict(GENERATE, size="256x256", num_sampling_steps=50, preview="fast"))
-    deadline = time.monotonic() + 60
-    while not any(isinstance(o[2], str) and o[2].startswith("Tokens") for o in job.outputs()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+def start_held_generation(services: app.Services, client: Client, monkeypatch):
+    """A generation whose token loop waits for Stop (``held_until_stopped``), returned once it runs."""
+    running = held_until_stopped(services.generator.pipe.engine, monkeypatch)
+    job = client.submit(api_name="/generate", **dict(GENERATE, preview="fast"))
+    assert running.wait(60), "the generation started"
     return job
 
 
@@ -215,9 +232,9 @@ def got_result(job) -> bool:
 
 
 @pytest.mark.slow
-def test_stop_frees_the_model_within_a_second(served, client):
+def test_stop_frees_the_model_within_a_second(served, client, monkeypatch):
     _, services = served
-    job = start_long_generation(client)
+    job = start_held_generation(services, client, monkeypatch)
     assert services.generator.busy
     job.cancel()
     stopped = time.monotonic()
@@ -228,9 +245,13 @@ def test_stop_frees_the_model_within_a_second(served, client):
 
 
 @pytest.mark.slow
-def test_stop_ends_only_that_request(served, client):
-    job = start_long_generation(client)
-    waiting = Client(served[0], verbose=False).submit(api_name="/generate", **dict(GENERATE, preview="none"))
+def test_stop_ends_only_that_request(served, client, monkeypatch):
+    url, services = served
+    job = start_held_generation(services, client, monkeypatch)
+    # An edit: the held loop holds text-to-image requests only.
+    waiting = Client(url, verbose=False).submit(api_name="/edit", image=handle_file(str(INPUT_IMAGE)),
+                                                prompt="Make it blue.", size="64x64", num_sampling_steps=2,
+                                                seed=3, randomize_seed=False, preview="none")
     job.cancel()
     assert final_images(waiting.result(timeout=60)), "the request queued behind the stopped one completes"
     assert not got_result(job)
@@ -268,6 +289,9 @@ def test_flags_have_environment_equivalents(monkeypatch):
     assert app.parse_args(["--port", "8000"]).port == 8000
     monkeypatch.setenv("NEXTSTEP_THREADS", "3")
     assert app.parse_args([]).threads == 3
+    assert app.parse_args([]).cache_limit == 1024
+    monkeypatch.setenv("NEXTSTEP_CACHE_MB", "64")
+    assert app.parse_args([]).cache_limit == 64
 
 
 def test_unloadable_model_is_a_message_not_a_traceback():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from playwright.sync_api import Page, sync_playwright
 from nextstep.pnginfo import save_with_parameters
 
 from .conftest import TINY
-from .test_app import launched, tiny_services
+from .test_app import held_until_stopped, launched, tiny_services
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -136,26 +135,6 @@ def test_edit_an_uploaded_image(page, tmp_path):
         "src => document.querySelector('#edit-image img')?.getAttribute('src') !== src", arg=uploaded,
         timeout=30_000,
     )
-
-
-def held_until_stopped(engine, monkeypatch) -> threading.Event:
-    """Make the engine's token loop wait after each token until its text-to-image requests are
-    cancelled, so that a generation is certain to be running when Stop lands, whatever the
-    machine's speed (edits run as usual). Returns an event set once a held loop is running."""
-    running = threading.Event()
-    decode = engine.decode
-
-    def held(runs, *args, **kwargs):
-        for done in decode(runs, *args, **kwargs):
-            yield done
-            running.set()
-            for run in runs:
-                while not run.request.edit and not run.sink.cancelled:
-                    run.sink._cancelled.wait(60)
-                    assert run.sink.cancelled, "Stop never reached the request"
-
-    monkeypatch.setattr(engine, "decode", held)
-    return running
 
 
 @pytest.fixture

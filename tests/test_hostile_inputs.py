@@ -140,6 +140,28 @@ EMPTY = {
     "preview_every": "Preview every N tokens is empty",
 }
 BAD_SETTINGS += [(dict(**{name: None}), message) for name, message in EMPTY.items()]
+# Every control with a value of the wrong type and one out of its range: a message each, naming it.
+NUMBERS = {  # name: (label, what it takes, out of range)
+    "num_images": ("Images", "a whole number between 1 and 4", 5),
+    "cfg": ("Text guidance", "a number between 1 and 15", 15.5),
+    "num_sampling_steps": ("Sampling steps per token", "a whole number between 1 and 100", 0),
+    "timesteps_shift": ("Time shift", "a number between 0.1 and 10", 10.5),
+    "seed": ("Seed", "a whole number between 0 and 4294967295", -1),
+    "preview_every": ("Preview every N tokens", "a whole number between 1 and 64", 65),
+}
+for name, (label, takes, outside) in NUMBERS.items():
+    BAD_SETTINGS += [(dict(**{name: [3]}), rf"{label} must be {takes}, got \[3\]"),
+                     (dict(**{name: outside}), rf"{label} must be {takes}, got {outside}")]
+CHOICES = {  # name: the message's start
+    "size": r"Size \(width × height\) must be one of 256x256, .*, 32x32",
+    "cfg_schedule": "Guidance schedule must be one of constant, linear",
+    "sampler": "Sampler must be one of v1, sde, cps, ode",
+    "preview": "Live preview must be one of vae, fast, none",
+}
+for name, start in CHOICES.items():
+    BAD_SETTINGS += [(dict(**{name: 42}), rf"{start}: got 42"), (dict(**{name: "nope"}), rf"{start}: got 'nope'")]
+for name, label in (("use_norm", "Normalise tokens"), ("randomize_seed", "Randomize seed")):
+    BAD_SETTINGS += [(dict(**{name: "yes"}), rf"{label} must be true or false, got 'yes'")]
 
 
 @pytest.mark.parametrize("change, message", BAD_SETTINGS)

@@ -1,6 +1,7 @@
 """The scheduler: batching concurrent requests without changing them, cancelling one of many,
 a bounded line, time limits and out-of-memory errors that fail one request only."""
 
+import math
 import threading
 import time
 
@@ -244,3 +245,23 @@ def test_a_preview_decoder_that_never_finishes_holds_up_neither_the_loop_nor_the
         assert calls == ["vae"], "one preview was taken; the rest were skipped while it was stuck"
     finally:
         release.set()
+
+
+def test_previews_are_decoded_no_more_often_than_the_interval(tiny_pipe, monkeypatch, every_preview_delivered):
+    """A request's previews are decoded at most once per ``preview_interval`` (the page's frame
+    interval): with an interval longer than the whole run, the first due preview is the only one;
+    with none, every due one (the loop waits for each here, so none is skipped as busy)."""
+    decoded = {}
+    for interval in (math.inf, 0.0):
+        scheduler = Scheduler(tiny_pipe.engine, preview_interval=interval)
+        calls = []
+        preview = scheduler._previews._decode
+        monkeypatch.setattr(scheduler._previews, "_decode", lambda *args: calls.append(1) or preview(*args))
+        try:
+            *_, last = scheduler.submit("a red circle", preview="vae", preview_every=1, seed=4, **COMMON)
+            assert last.result is not None
+            scheduler._previews.wait_idle(30)
+        finally:
+            scheduler.close()
+        decoded[interval] = len(calls)
+    assert decoded == {math.inf: 1, 0.0: 15}  # 16 tokens: a preview after each but the last

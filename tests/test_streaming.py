@@ -11,7 +11,7 @@ KWARGS = dict(negative_prompt="blurry", size=(64, 64), cfg=3.0, num_sampling_ste
 
 
 @pytest.mark.parametrize("mode", ["vae", "fast", "none"])
-def test_events_previews_and_final_result(tiny_pipe, mode):
+def test_events_previews_and_final_result(tiny_pipe, every_preview_delivered, mode):
     events = list(tiny_pipe.stream("a red circle", preview_every=3, preview=mode, **KWARGS))
     total = 16
     assert [e.done for e in events] == list(range(1, total + 1))
@@ -27,7 +27,7 @@ def test_events_previews_and_final_result(tiny_pipe, mode):
     assert torch.equal(images_as_array(events[-1].result.images), images_as_array(reference.images))
 
 
-def test_previews_fill_in(tiny_pipe):
+def test_previews_fill_in(tiny_pipe, every_preview_delivered):
     """Successive exact previews differ: the picture fills in as tokens arrive."""
     events = list(tiny_pipe.stream("a red circle", preview_every=4, preview="vae", **KWARGS))
     frames = [images_as_array(e.preview) for e in events if e.preview is not None]

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from nextstep.settings import GenerationRequest
 from nextstep.zerogpu import MAX_SECONDS, GpuService, GpuTask, ModelCost, gpu_seconds
 
 from .conftest import ROOT, TINY
-from .test_app import GENERATE, INPUT_IMAGE, free_port, got_result, pixels
+from .test_app import GENERATE, INPUT_IMAGE, free_port, got_result, pixels, preview_pixels
 
 
 # NextStep-1's official text-to-image request, and what an edit changes.
@@ -192,8 +193,9 @@ def zero_gpu_space(tmp: Path):
         GRADIO_EXAMPLES_CACHE=str(tmp / "examples"),
     )
     port = free_port()
+    # A session of its own, so that ending it ends the GPU workers spaces forked from it too.
     server = subprocess.Popen([sys.executable, "-m", "tests.zerogpu_space", str(model), str(vae), str(port)],
-                              cwd=ROOT, env=env)
+                              cwd=ROOT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:  # up once spaces has reported the launch and the web server accepts connections
@@ -206,7 +208,7 @@ def zero_gpu_space(tmp: Path):
             time.sleep(0.05)
         yield Space(f"http://127.0.0.1:{port}/", api, server.pid, [*hub.glob("models--*/blobs/*.safetensors")])
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         api.shutdown()
 
@@ -219,7 +221,7 @@ def space(tmp_path_factory):
 
 def distinct_previews(outputs: list[tuple]) -> set[bytes]:
     """The different preview pictures a run streamed before its result."""
-    return {pixels(preview).tobytes() for preview, gallery, *_ in outputs if isinstance(preview, str) and not gallery}
+    return {preview_pixels(preview).tobytes() for preview, gallery, *_ in outputs if preview is not None and not gallery}
 
 
 @pytest.mark.slow

@@ -60,14 +60,17 @@ zero_torch.init = lambda nvidia_uuid: None
 zero_torch.move = move_to_host
 
 import app  # noqa: E402
-from nextstep.serving import load_examples  # noqa: E402
+from nextstep.serving import SHAPES_EXAMPLES, load_examples  # noqa: E402
+
+from .conftest import deliver_previews_before_next_token  # noqa: E402
 
 
 def main(model: str, vae: str, port: int) -> None:
     torch.set_num_threads(1)  # the CPU policy of the tests (the "GPU" here is the CPU)
     services = app.load_services(model, None, vae, None, "float32", frame_interval=0.0)
+    deliver_previews_before_next_token(services.generator.pipe.engine)  # as many previews on any machine
     # Examples, so that the test sees none of them run at start-up (they are cached lazily).
-    services.examples = load_examples(app.SHAPES_EXAMPLES)
+    services.examples = load_examples(SHAPES_EXAMPLES)
     app.serve(app.build_demo(services), "127.0.0.1", port, quiet=True)
 
 
