@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", action="store_true",
                         help="the GPU acceptance run: text-to-image and edit, eager and compiled, SDPA and "
                              "flash-attn (if installed), unquantized and int8 (if torchao is)")
+    parser.add_argument("--fairness", action="store_true",
+                        help="how long a 1-image request takes alone and batched with a 4-image one that "
+                             "wants exact previews every token, on the page's scheduler")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory plan for the request instead (nothing is allocated)")
     parser.add_argument("--compile", action="store_true",
@@ -418,9 +421,46 @@ def main(argv: list[str] | None = None) -> int:
         report = acceptance(args)
         print(json.dumps(report) if args.json else format_acceptance(report))
         return 0
+    if args.fairness:
+        report = fairness(args)
+        print(json.dumps(report) if args.json else format_fairness(report))
+        return 0
     report = run(args)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def fairness(args) -> dict:
+    """Seconds to the result of a plain request (1 image, no previews) alone, and submitted right
+    after the most expensive one the page allows (4 images, exact previews every token), so both
+    share a token loop; median of ``--repeat`` each."""
+    pipe = (NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device,
+                                             dtype=pick_dtype(args.dtype, args.device))
+            if args.model else random_pipeline(args.config, args.device, pick_dtype(args.dtype, args.device)))
+    settings = dict(dict(seed=0), **given_settings(args))
+    # As the page's, but a request alone never waits for the users of the batch before to come back.
+    scheduler = Scheduler(pipe.engine, preview_interval=FRAME_INTERVAL, regather_seconds=0.0)
+    try:
+        timed_on_page(scheduler, (PROMPT, None), settings, "none", 8)  # warm-up
+        alone, beside = [], []
+        for _ in range(args.repeat):
+            alone.append(timed_on_page(scheduler, (PROMPT, None), settings, "none", 8))
+            expensive = scheduler.submit(PROMPT, preview="vae", preview_every=1, **dict(settings, num_images=4))
+            beside.append(timed_on_page(scheduler, (PROMPT, None), settings, "none", 8))
+            for _ in expensive:
+                pass
+    finally:
+        scheduler.close()
+    size = pipe.engine.request(PROMPT, **settings).size.value
+    return dict(model=pipe.name, size=size, seconds_alone=statistics.median(alone),
+                seconds_beside_expensive=statistics.median(beside),
+                factor=statistics.median(beside) / statistics.median(alone))
+
+
+def format_fairness(report: dict) -> str:
+    return (f"{report['model']}, {report['size']}: a 1-image request takes {report['seconds_alone']:.2f} s alone and "
+            f"{report['seconds_beside_expensive']:.2f} s beside a 4-image one with exact previews every token: "
+            f"x{report['factor']:.2f}")
 
 
 def acceptance(args) -> dict:

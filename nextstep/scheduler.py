@@ -2,8 +2,8 @@
 requests together.
 
 Requests wait in a bounded line. When the model is free the worker takes the oldest request and
-every waiting request that can share its token loop (same ``batch_key``) and costs about as much
-(see ``cost_ratio``), up to ``max_batch`` images, and decodes them together, after giving company a moment to arrive (see ``_next_batch``); each
+every waiting request that can share its token loop (same ``batch_key``), up to ``max_batch``
+images, and decodes them together, after giving company a moment to arrive (see ``_next_batch``); each
 keeps its own seed, prompt, guidance and preview stream, and gets the result it would get alone
 (up to the rounding of batched matrix products: 1 of 255 at most). A request that arrives while a batch runs
 waits for the next batch: joining mid-way would need its prompt prefilled beside rows that are
@@ -193,15 +193,9 @@ class Scheduler:
 
     def __init__(
         self, engine: Engine, max_batch: int = 8, max_waiting: int = 16, time_limit: float = 600.0,
-        gather_seconds: float = 0.25, regather_seconds: float = 1.0, cost_ratio: float = 2.0,
-        preview_interval: float = 0.0,
+        gather_seconds: float = 0.25, regather_seconds: float = 1.0, preview_interval: float = 0.0,
     ):
         """preview_interval: the fewest seconds between two previews of one request (``PreviewWorker``).
-        cost_ratio: the most images one request of a batch may ask for per image of another.
-        Requests that share a batch key differ in cost only by their images (their rows of the
-        token loop; previews are decoded off it), so no request is slowed by more than this factor
-        against a batch of requests like its own. A request too far from the oldest one waits
-        for a batch of its own kind: one user's 4 images cannot make another's 1 image 5 rows wide.
         gather_seconds: how long a request may wait for company before its batch starts.
         regather_seconds: how long after the results of a batch of several went out the next
         batch may wait for as many requests. Users whose image just finished send their next
@@ -214,7 +208,6 @@ class Scheduler:
         # The latest batch: (number, images, when its results had all gone out; inf until then).
         self._last_batch = (0, 0, -math.inf)
         self.max_batch = max_batch
-        self.cost_ratio = cost_ratio
         self.max_waiting = max_waiting
         self.time_limit = time_limit
         self._waiting: deque[Ticket] = deque()
@@ -293,18 +286,14 @@ class Scheduler:
                 self._condition.wait()
             first = self._waiting.popleft()
             batch, images = [first], first.request.num_images
-            fewest = most = images  # images of the cheapest and of the dearest request in the batch
             if not first.run_alone:
                 key = self.engine.batch_key(first.request)
                 gather_until = first.submitted + self.gather_seconds
                 while True:
                     for ticket in list(self._waiting):
-                        wanted = ticket.request.num_images
-                        fits = images + wanted <= self.max_batch
-                        comparable = max(most, wanted) <= self.cost_ratio * min(fewest, wanted)
+                        fits = images + ticket.request.num_images <= self.max_batch
                         same = not ticket.run_alone and self.engine.batch_key(ticket.request) == key
-                        if fits and comparable and same:
-                            fewest, most = min(fewest, wanted), max(most, wanted)
+                        if fits and same:
                             self._waiting.remove(ticket)
                             batch.append(ticket)
                             images += ticket.request.num_images

@@ -64,3 +64,10 @@ def test_the_acceptance_run_on_tiny(capsys, every_preview_delivered):
         for field in ("seconds_per_image", "ms_per_token", "first_preview_seconds", "peak_memory_mb", "warm_up_seconds"):
             assert run[field] is not None and run[field] >= 0, field
         assert run["max_token_difference_vs_eager"] <= 1e-4  # the parity tolerance
+
+
+def test_fairness_on_tiny(capsys):
+    assert bench.main(["--config", "tiny", "--size", "32x32", "--num-sampling-steps", "2", "--repeat", "1",
+                       "--fairness", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seconds_alone"] > 0 and report["seconds_beside_expensive"] > 0 and report["factor"] > 0

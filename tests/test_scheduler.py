@@ -105,23 +105,6 @@ def test_users_coming_back_one_by_one_share_a_batch_again(tiny_pipe, monkeypatch
     assert seen == [1, 3, 3]
 
 
-def test_a_batch_holds_only_requests_of_comparable_cost(scheduler, tiny_pipe, monkeypatch):
-    """With images at most 2x apart within a batch, a 4-image request never widens a 1-image
-    request's token loop to 5 rows: it runs in a batch of its own kind, with the 2-image one."""
-    gate, blocker = hold(scheduler, monkeypatch)
-    tickets = [scheduler.submit("a red circle", preview="none", **COMMON, seed=seed, num_images=images)
-               for seed, images in enumerate((1, 4, 1, 2, 3))]
-    batches = []
-    original = tiny_pipe.engine.decode
-    monkeypatch.setattr(tiny_pipe.engine, "decode", lambda runs, *args, **kwargs: batches.append(
-        [run.request.num_images for run in runs]) or original(runs, *args, **kwargs))
-    gate.set()
-    results([blocker, *tickets])
-    assert batches == [[1], [1, 1, 2], [4, 3]]  # the first: the request holding the worker
-    for images in batches:
-        assert max(images) <= scheduler.cost_ratio * min(images)
-
-
 def test_cancel_one_of_three_mid_way(scheduler, tiny_pipe, monkeypatch):
     alone = [tiny_pipe.generate(**r, **COMMON) for r in REQUESTS]
     gate, blocker = hold(scheduler, monkeypatch)
