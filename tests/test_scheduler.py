@@ -248,3 +248,22 @@ def test_previews_are_decoded_no_more_often_than_the_interval(tiny_pipe, monkeyp
             scheduler.close()
         decoded[interval] = len(calls)
     assert decoded == {math.inf: 1, 0.0: 15}  # 16 tokens: a preview after each but the last
+
+
+def test_a_neighbours_exact_previews_every_token_run_beside_the_shared_token_loop(scheduler, tiny_pipe, monkeypatch):
+    """The most expensive request the page allows (4 images, exact previews every token) shares a
+    plain request's token loop, and every one of its previews is decoded on the preview thread:
+    what it costs the plain one is its rows only (``bench --fairness`` times that)."""
+    threads = []
+    preview = scheduler._previews._decode
+    monkeypatch.setattr(scheduler._previews, "_decode",
+                        lambda *args: threads.append(threading.current_thread().name) or preview(*args))
+    gate, blocker = hold(scheduler, monkeypatch)
+    expensive = scheduler.submit("a blue square", preview="vae", preview_every=1, num_images=4, seed=2, **COMMON)
+    cheap = scheduler.submit("a red circle", preview="none", seed=1, **COMMON)
+    seen = batch_sizes(tiny_pipe.engine, monkeypatch)
+    gate.set()
+    assert all(result is not None for result in results([blocker, expensive, cheap]))
+    scheduler._previews.wait_idle(30)
+    assert seen == [1, 2], "after the request holding the worker, the two shared one token loop"
+    assert threads and set(threads) == {"nextstep-previews"}
