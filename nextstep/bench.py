@@ -276,13 +276,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(args) -> dict:
+def bench_pipeline(args, quantize: str | None) -> NextStepPipeline:
+    """The model the flags name (``--model``), or random weights of ``--config``'s shape."""
     dtype = pick_dtype(args.dtype, args.device)
     if args.model:
-        pipe = NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype,
-                                                quantize=args.quantize)
-    else:
-        pipe = random_pipeline(args.config, args.device, dtype, args.quantize)
+        return NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype,
+                                                quantize=quantize)
+    return random_pipeline(args.config, args.device, dtype, quantize)
+
+
+def run(args) -> dict:
+    pipe = bench_pipeline(args, args.quantize)
     if args.compile:
         pipe.compile()
     # The model's defaults (as the page and the CLI start from), then the flags.
@@ -434,9 +438,7 @@ def fairness(args) -> dict:
     """Seconds to the result of a plain request (1 image, no previews) alone, and submitted right
     after the most expensive one the page allows (4 images, exact previews every token), so both
     share a token loop; median of ``--repeat`` each."""
-    pipe = (NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device,
-                                             dtype=pick_dtype(args.dtype, args.device))
-            if args.model else random_pipeline(args.config, args.device, pick_dtype(args.dtype, args.device)))
+    pipe = bench_pipeline(args, args.quantize)
     settings = dict(dict(seed=0), **given_settings(args))
     # As the page's, but a request alone never waits for the users of the batch before to come back.
     scheduler = Scheduler(pipe.engine, preview_interval=FRAME_INTERVAL, regather_seconds=0.0)
@@ -468,13 +470,10 @@ def acceptance(args) -> dict:
     (captured as a CUDA graph on CUDA), with SDPA and, where installed, flash-attn, unquantized and
     (with torchao) int8: seconds per image, ms per token, first preview, peak memory, and each
     compiled run's largest token difference from the eager one with the same settings."""
-    dtype = pick_dtype(args.dtype, args.device)
     quantizations = [None] + (["int8"] if importlib.util.find_spec("torchao") else [])
     rows = []
     for quantize in quantizations:
-        pipe = (NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype,
-                                                 quantize=quantize) if args.model
-                else random_pipeline(args.config, args.device, dtype, quantize))
+        pipe = bench_pipeline(args, quantize)
         engine = pipe.engine
         settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
         size = engine.request(PROMPT, **settings).size

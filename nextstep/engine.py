@@ -273,7 +273,6 @@ class Engine:
         stops sampling at once. Previews are decoded beside the loop, by ``previews`` (else the
         engine's own worker): each reaches its run's sink a little after its token, one due while
         the run's last is still decoding is skipped, and the loop never waits for one."""
-        previews = previews or self.previews
         with torch.inference_mode(), hooks.timed("prefill"):
             decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table, step=self.step,
                                    cuda_graph=self.cuda_graph)
@@ -288,7 +287,8 @@ class Engine:
                     run.sink.dropped()
                     continue
                 if run.preview_due(done):
-                    previews.offer(run, done, lambda at, images, total=run.job.total: StreamEvent(at, total, images))
+                    (previews or self.previews).offer(  # the engine's own worker made only once needed
+                        run, done, lambda at, images, total=run.job.total: StreamEvent(at, total, images))
                 if done < run.job.total and run.sink.wants_progress():
                     run.sink.progress(StreamEvent(done, run.job.total, None))
             yield done

@@ -37,6 +37,25 @@ READER_PATIENCE = 30.0  # seconds a request's frames may wait unread before it i
 # ---- the cache's size ------------------------------------------------------------------------
 
 
+def folder_files(folder: Path) -> list[tuple[Path, float, int]]:
+    """(path, last written, bytes) of every file below ``folder``."""
+    found = []
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                stat = path.stat()
+                found.append((path, stat.st_mtime, stat.st_size))
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return found
+
+
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(files, bytes) below ``folder``."""
+    files = folder_files(folder)
+    return len(files), sum(size for _, _, size in files)
+
+
 class CacheBound:
     """Holds a folder (Gradio's upload folder: its uploads and every file it serves) at or under
     ``limit`` bytes, removing the least recently written files first. ``poke()`` after anything
@@ -60,11 +79,10 @@ class CacheBound:
 
     def usage(self) -> tuple[int, int]:
         """(files, bytes) in the folder now."""
-        files = self._files()
-        return len(files), sum(size for _, _, size in files)
+        return folder_usage(self.folder)
 
     def sweep(self) -> None:
-        files = sorted(self._files(), key=lambda item: item[1])  # oldest first
+        files = sorted(folder_files(self.folder), key=lambda item: item[1])  # oldest first
         total = sum(size for _, _, size in files)
         for path, _, size in files:
             if total <= self.limit:
@@ -74,18 +92,6 @@ class CacheBound:
             if path.parent != self.folder:
                 with contextlib.suppress(OSError):  # not empty: Gradio keeps one folder per cached file
                     path.parent.rmdir()
-
-    def _files(self) -> list[tuple[Path, float, int]]:
-        """(path, last written, bytes) of every file in the folder."""
-        found = []
-        for path in self.folder.rglob("*"):
-            try:
-                if path.is_file():
-                    stat = path.stat()
-                    found.append((path, stat.st_mtime, stat.st_size))
-            except FileNotFoundError:  # removed meanwhile
-                continue
-        return found
 
     def _work(self) -> None:
         while True:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from urllib.request import urlopen
 
+from .guard import folder_usage
 from .loadtest import run as load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +31,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def folder_usage(folder: Path) -> tuple[int, int]:
-    sizes = [path.stat().st_size for path in folder.rglob("*") if path.is_file()]
-    return len(sizes), sum(sizes)
 
 
 def free_port() -> int:
