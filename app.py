@@ -33,8 +33,11 @@ from PIL import Image
 
 from nextstep import CheckpointMismatchError, ModelNotFoundError
 from nextstep.devices import DTYPES, pick_device, pick_dtype, set_threads
-from nextstep.guard import CACHE_LIMIT, MB, CacheBound, PageLimits, ReaderWatch, app_options
-from nextstep.inputs import clean_text, load_image, number
+from nextstep.guard import (
+    CACHE_LIMIT, MAX_FILE_SIZE, MB, CacheBound, PageLimits, ReaderWatch, app_options, client_address,
+    uploaded_file,
+)
+from nextstep.inputs import clean_text, data_url_bytes, load_image, number
 from nextstep.memory import NotEnoughMemoryError
 from nextstep.quantize import QUANTIZATIONS
 from nextstep.sampling import SAMPLERS
@@ -269,17 +272,43 @@ def remember_selection(event: gr.SelectData) -> int:
     return event.index
 
 
+NOT_UPLOADED = ("The input image must be a file uploaded through this page or its API (gradio_client's "
+                "handle_file), or a picture sent inline as a base64 data: URL.")
+
+
 class ImageUpload(gr.Image):
-    """``gr.Image`` whose uploads reach the handler as undecoded file paths, so that unreadable,
-    truncated or oversized files get ``nextstep.inputs``' clear messages rather than failing
-    inside Gradio's own decoding."""
+    """``gr.Image`` whose input reaches the handler undecoded, as the path of an uploaded file or
+    the bytes of an inline ``data:`` URL, so that unreadable, truncated or oversized pictures get
+    ``nextstep.inputs``' clear messages from their headers rather than being decoded by Gradio.
+
+    Only files inside the upload folder are taken: Gradio checks a payload's path only when the
+    payload carries its FileData marker, so a bare ``{"path": ...}`` could otherwise name any file
+    on the server. Whatever else is sent gets one message, whether or not such a file exists."""
 
     is_template = True  # drawn by the frontend as a plain image input
 
     def preprocess(self, payload):
-        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+        if payload is None:
+            return None
+        if (payload.url or "").startswith("data:"):
+            try:
+                return data_url_bytes(payload.url, MAX_FILE_SIZE)  # charged by the handler
+            except ValueError as error:
+                raise refusal(f"The input image could not be read: {error}.") from None
+        if payload.path and uploaded_file(payload.path):
             return str(payload.path)
-        return super().preprocess(payload)
+        raise refusal(NOT_UPLOADED)
+
+
+def charged(image, request: gr.Request, limits: PageLimits):
+    """An input image that arrived inline (bytes) counts against its visitor's upload budget, as an
+    upload through the upload route does; refused beyond it."""
+    if isinstance(image, bytes):
+        forwarded = request.headers.get("x-forwarded-for") if request.headers else None
+        client = client_address(forwarded, request.client.host if request.client else None)
+        if (refused := limits.uploads.charge(client, len(image))) is not None:
+            raise refusal(refused)
+    return image
 
 
 def refusal(message: str) -> gr.Error:
@@ -615,7 +644,8 @@ def history_pictures(history: list[HistoryEntry]) -> list:
 
 
 def push_undo(stack: list, current) -> list:
-    return [*stack, current][-UNDO_DEPTH:] if current is not None else stack
+    """The undo stack with the current input on top; an input sent inline (bytes) is not kept."""
+    return [*stack, current][-UNDO_DEPTH:] if isinstance(current, str) else stack
 
 
 # ---- the page -----------------------------------------------------------------------------
@@ -726,7 +756,7 @@ def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Block
                 raise refusal(NO_EDIT_MODEL)
             if image is None:
                 raise refusal("Add an input image first (upload, paste or take a photo).")
-            async for frame in stream_to_page(editor, record, prompt, image, limits=limits,
+            async for frame in stream_to_page(editor, record, prompt, charged(image, request, limits), limits=limits,
                                               reader=reader_of(request), **settings):
                 yield frame
 
@@ -738,7 +768,7 @@ def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Block
                 raise refusal(NO_EDIT_MODEL)
             if image is None:
                 raise refusal("Give an input image to edit.")
-            return await final_image_of(editor, prompt, image, settings, reader_of(request))
+            return await final_image_of(editor, prompt, charged(image, request, limits), settings, reader_of(request))
 
         def reader_of(request: gr.Request) -> ReaderWatch:
             return ReaderWatch(demo, request.session_hash, limits.reader_patience)
@@ -804,7 +834,8 @@ def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Block
         settings_png.upload(load_png, settings_png, all_controls, api_visibility="private")
 
         # The edit chain: before / after, a result as the next input, and back one step.
-        editing.success(lambda source, gallery: (source, gallery[0][0]) if gallery else gr.skip(),
+        editing.success(lambda source, gallery: (source, gallery[0][0]) if gallery and isinstance(source, str)
+                        else gr.skip(),
                         [input_image, edit_results.gallery], compare, api_visibility="private")
         send_to_edit.click(lambda gallery, index, current, stack: (picked_image(gallery, index),
                                                                    push_undo(stack, current), gr.Tabs(selected="edit")),
@@ -828,7 +859,9 @@ def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Block
     return demo
 
 
-def remembered(history: list[HistoryEntry], tab: str, gallery: list | None, source: str | None = None):
+def remembered(history: list[HistoryEntry], tab: str, gallery: list | None, source=None):
+    """The history with a run's results added; an edit's input is kept when it is a file."""
+    source = source if isinstance(source, str) else None
     entries = add_to_history(history, tab, [path for path, _caption in gallery or []], source)
     return entries, history_pictures(entries)
 
@@ -851,7 +884,7 @@ def serve(demo: gr.Blocks, host: str, port: int, **options):
     uploads per client and in total, a message for an unknown endpoint); returns what
     ``Blocks.launch`` does."""
     offered = [fn.api_name for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"]
-    return demo.launch(server_name=host, server_port=port, max_file_size="20mb", css=CSS,
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, css=CSS,
                        app_kwargs=app_options(demo.page_limits, offered), **options)
 
 

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 MB = 2**20
+MAX_FILE_SIZE = 20 * MB  # one uploaded file, or one image sent inline as a data: URL
 CACHE_LIMIT = 1024 * MB  # the page's cache (uploads and results) is held at or under this
 UPLOAD_PER_CLIENT = 64 * MB  # bytes one client may upload per UPLOAD_WINDOW
 UPLOAD_TOTAL = 256 * MB  # bytes all clients together may upload per UPLOAD_WINDOW
@@ -131,14 +132,28 @@ class UploadLedger:
             return None
 
 
-def client_of(scope: Scope) -> str:
+def client_address(forwarded_for: str | None, peer: str | None) -> str:
     """Who sent a request: the first forwarded-for address a proxy (a Space's) put in front, else
     the peer's. A client can forge the header; the total bound holds regardless."""
-    for name, value in scope.get("headers", []):
-        if name == b"x-forwarded-for":
-            return value.decode("latin-1").split(",")[0].strip()
+    if forwarded_for:
+        return forwarded_for.split(",")[0].strip()
+    return peer or "unknown"
+
+
+def client_of(scope: Scope) -> str:
+    """``client_address`` of an ASGI request."""
+    forwarded = dict(scope.get("headers", [])).get(b"x-forwarded-for")
     client = scope.get("client")
-    return client[0] if client else "unknown"
+    return client_address(forwarded.decode("latin-1") if forwarded else None, client[0] if client else None)
+
+
+def uploaded_file(path: str) -> bool:
+    """Whether ``path`` is a file inside Gradio's upload folder (where the upload route puts what
+    visitors send, and the page the files it serves), links resolved: nothing else on the server
+    is a visitor's to name."""
+    folder = Path(get_upload_folder()).resolve()
+    resolved = Path(path).resolve()
+    return resolved.is_relative_to(folder) and resolved.is_file()
 
 
 # Routes that find their function by the name in the path. /run/predict and /api/predict are the

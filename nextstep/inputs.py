@@ -32,11 +32,14 @@ Pillow's global settings (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED
 left as they are.
 
 ``clean_text(value, name)`` and ``number(value, name, ...)`` do the same for text fields and
-numeric settings; see their docstrings.
+numeric settings, and ``data_url_bytes(url, max_bytes)`` reads an image sent inline as a ``data:``
+URL into the file's bytes, undecoded (``load_image`` then checks its header); see their docstrings.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import numbers
@@ -163,6 +166,21 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
         return Image.fromarray(grey)
     alpha = np.where(values == key, 0, 255).astype(np.uint8)
     return Image.fromarray(np.stack([grey, alpha], axis=-1))
+
+
+def data_url_bytes(url: str, max_bytes: int) -> bytes:
+    """The file inside a ``data:[type];base64,DATA`` URL, as bytes: nothing is decoded as a picture
+    here. Refused with ValueError: text that is not such a URL, data that is not base64, and
+    files over ``max_bytes`` (judged from the URL's length, before anything is decoded)."""
+    head, comma, data = url.partition(",")
+    if not head.startswith("data:") or not comma or not head.endswith(";base64"):
+        raise ValueError("an image sent inline must be a base64 data: URL (data:image/png;base64,...)")
+    if len(data) > 4 * -(-max_bytes // 3):  # base64 takes 4 characters for every 3 bytes
+        raise ValueError(f"the image is too large: at most {max_bytes / 2**20:g} MB a file")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the image's data: URL does not hold valid base64") from None
 
 
 # ---- text ----------------------------------------------------------------------------------

@@ -3,17 +3,25 @@ normalisation, never a crash, and a normal request right after it succeeds."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
 import struct
 import zlib
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
 
+from nextstep.guard import PageLimits, UploadLedger
+
+from .conftest import ROOT
 from .test_app import GENERATE, final_images, launched, tiny_services
 
 pytestmark = pytest.mark.slow
@@ -221,3 +229,87 @@ def test_a_png_with_a_huge_text_chunk_is_too_large_not_damaged(client, tmp_path)
     picture().save(path, pnginfo=info)
     with pytest.raises(AppError, match="too large"):
         client.predict(image=handle_file(str(path)), **EDIT, api_name="/edit")
+
+
+# ---- image payloads that name what is not theirs -------------------------------------------------
+
+
+def raw_call(url: str, api: str, **body) -> tuple[str, object]:
+    """``POST /gradio_api/call/v2/<api>`` with ``body`` exactly as given (a client library would
+    upload files first and mark them), then the stream's closing (event, data)."""
+    event_id = httpx.post(f"{url}gradio_api/call/v2/{api}", json=body, timeout=60).json()["event_id"]
+    event = None
+    with httpx.stream("GET", f"{url}gradio_api/call/v2/{api}/{event_id}", timeout=120) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                return event, json.loads(line.removeprefix("data: "))
+    raise AssertionError("the stream ended without a result or an error")
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """Every file PIL opens while the test runs (the server runs in this process)."""
+    names, open_image = [], Image.open
+
+    def recording(source, *args, **kwargs):
+        names.append(str(getattr(source, "name", source)))
+        return open_image(source, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", recording)
+    return names
+
+
+@pytest.fixture
+def server_paths() -> dict[str, str]:
+    """Paths a visitor has no business naming: a real picture of the server's, a folder, a missing
+    file, and a link placed in the upload folder that leads out of it."""
+    link = Path(get_upload_folder()) / "nextstep-test-link.png"
+    link.unlink(missing_ok=True)
+    link.symlink_to(ROOT / "docs" / "screenshot.png")
+    yield {"picture": str(ROOT / "docs" / "screenshot.png"), "folder": str(ROOT), "missing": "/nonexistent/x.png",
+           "link out": str(link)}
+    link.unlink()
+
+
+@pytest.mark.parametrize("payload", ["bare", "marked as uploaded", "url"])
+def test_an_image_payload_naming_a_server_file_is_refused_with_one_message(client, server_paths, opened, payload):
+    messages = set()
+    for name, path in server_paths.items():
+        image = {"bare": {"path": path}, "marked as uploaded": {"path": path, "meta": {"_type": "gradio.FileData"}},
+                 "url": {"url": f"file://{path}", "path": path}}[payload]
+        event, data = raw_call(client.src, "edit", image=image, **EDIT)
+        assert event == "error", f"{name}: the request must be refused"
+        messages.add(str(data))
+    assert len(messages) == 1, f"one message whatever exists on the server: {messages}"
+    assert "uploaded through this page" in messages.pop() or payload == "marked as uploaded"
+    assert not [name for name in opened if "screenshot" in name or name.startswith(str(ROOT))], "nothing opened"
+    still_serves(client)
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_an_inline_picture_over_the_pixel_limit_is_refused_from_its_header(client, monkeypatch):
+    loaded, load = [], Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda image: (loaded.append(image.size), load(image))[1])
+    event, data = raw_call(client.src, "edit", image={"url": data_url(png_header_only(11000, 11000))}, **EDIT)
+    assert event == "error" and "too large" in str(data)
+    assert (11000, 11000) not in loaded, "no pixel of it was decoded"
+    still_serves(client)
+
+
+def test_inline_pictures_are_edited_and_count_against_the_upload_budget():
+    ledger = UploadLedger(per_client=2_000_000, total=10_000_000, window=3600)
+    with launched(tiny_services(), PageLimits(uploads=ledger)) as url:
+        small = data_url(encoded(picture(), "PNG"))
+        event, data = raw_call(url, "edit", image={"url": small}, **EDIT)
+        assert event == "complete" and data[3]["edit"] is True
+        # A PNG of noise does not compress: 1.2 MB each, so the second is beyond the visitor's 2 MB.
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8))
+        big = data_url(encoded(noise, "PNG"))
+        assert raw_call(url, "edit", image={"url": big}, **EDIT)[0] == "complete"
+        event, data = raw_call(url, "edit", image={"url": big}, **EDIT)
+        assert event == "error" and "Too many uploads" in str(data)
