@@ -1,7 +1,7 @@
 """Take the README screenshot: serve the app, generate one image in headless Chromium, save the page.
 
-    python docs/screenshot.py                      # the tiny test checkpoint
-    python docs/screenshot.py --model assets/shapes-model
+    python docs/screenshot.py                      # the embedded model, as the app serves it
+    python docs/screenshot.py --model DIR_OR_HUB_ID
 """
 
 from __future__ import annotations
@@ -16,27 +16,28 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402
-from tests.test_app import free_port  # noqa: E402
-from tests.test_browser import chromium, choose_size, open_page, wait_for_result  # noqa: E402
+from nextstep.loading.options import EMBEDDED_MODEL, RuntimeOptions  # noqa: E402
+from nextstep.page.layout import build_demo, launch  # noqa: E402
+from nextstep.serving.compose import load_services  # noqa: E402
+from nextstep.serving.examples import SHAPES_EXAMPLES, load_examples  # noqa: E402
+from tests.page.test_browser import chromium, choose_size, open_page, wait_for_result  # noqa: E402
+from tests.pages import free_port  # noqa: E402
 
-TINY = ROOT.parent / "shared" / "fixtures" / "reference-tiny"
 MAX_BYTES = 300_000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="default: the tiny test checkpoint")
+    parser.add_argument("--model", default=str(EMBEDDED_MODEL), help="default: the embedded model")
     parser.add_argument("--vae")
-    first_example = app.load_examples(app.SHAPES_EXAMPLES)["text_to_image"][0]
+    first_example = load_examples(SHAPES_EXAMPLES)["text_to_image"][0]
     parser.add_argument("--prompt", default=first_example["prompt"])
     parser.add_argument("--size", default="128 × 128 (1:1)", help="a label of the size menu")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
     args = parser.parse_args()
 
-    model, vae = (args.model, args.vae) if args.model else (str(TINY / "model"), str(TINY / "vae"))
-    demo = app.build_demo(app.load_services(model, None, vae, None, None))
-    _, url, _ = app.serve(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    demo = build_demo(load_services(RuntimeOptions(model=args.model, vae=args.vae)))
+    _, url, _ = launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
     try:
         with chromium() as browser:
             page = open_page(browser, url)

@@ -1,12 +1,12 @@
 """NextStep-1 in process: load the official checkpoints, sample image tokens, stream previews."""
 
-from .config import NextStepConfig
-from .engine import GenerationResult, StreamEvent
-from .hub import ModelNotFoundError
+from .engine.core import GenerationResult, StreamEvent
+from .engine.settings import GenerationRequest
+from .engine.sizes import Size
+from .loading.checkpoints import CheckpointMismatchError
+from .loading.hub import ModelNotFoundError
+from .models.config import NextStepConfig
 from .pipeline import NextStepPipeline
-from .settings import GenerationRequest
-from .sizes import Size
-from .weights import CheckpointMismatchError
 
 __all__ = [
     "CheckpointMismatchError",

@@ -14,46 +14,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .engine import Engine, GenerationResult, Run, StreamEvent, check_preview
-from .families import detect_family, get_family
-from .config import NextStepConfig
-from .hub import CONFIG_FILES, ModelNotFoundError, resolve_directory
-from .memory import MemoryPlan, one_request, plan
-from .model import NextStepModel
-from .quantize import check_quantization
-from .prompts import load_tokenizer
-from .settings import GenerationRequest, read_stored_settings
-from .vae import AutoencoderKL
-
-
-def _vae_directory(model_dir: Path, requested: str | Path | None, configured: str | None) -> Path:
-    """The VAE asked for; else the one the config names; else the ``vae/`` folder bundled with
-    the model. A configured path that does not exist here (often a path on the machine the
-    checkpoint was made on) gives way to a bundled VAE."""
-    if requested is not None:
-        return resolve_directory(requested, "VAE", relative_to=model_dir)
-    bundled = model_dir / "vae"
-    if configured is not None:
-        try:
-            return resolve_directory(configured, "VAE", relative_to=model_dir)
-        except ModelNotFoundError:
-            if not bundled.is_dir():
-                raise
-    if bundled.is_dir():
-        return bundled
-    raise ModelNotFoundError(f"no VAE for {model_dir}: pass vae=..., or set vae_name_or_path in its config.json")
-
-
-def memory_plan(
-    model: str | Path, device, dtype: torch.dtype, quantize: str | None, vae: str | Path | None = None,
-) -> MemoryPlan:
-    """What loading ``model`` (a directory or Hub id: only its configs are read) and serving one
-    request need on ``device``. The VAE is counted from its config where it is a local directory
-    (given, or bundled in the model's), else at the release VAE's shape."""
-    config_dir = resolve_directory(model, "model", files=CONFIG_FILES)
-    config = NextStepConfig.from_pretrained(config_dir)
-    local_vae = next((Path(d) for d in (vae, config_dir / "vae") if d is not None and Path(d).is_dir()), None)
-    return plan(config, local_vae, dtype, quantize, device, one_request(config, local_vae), name=str(model))
+from .engine.core import Engine, GenerationResult, Run, StreamEvent, check_preview
+from .engine.families import detect_family, get_family
+from .engine.prompts import load_tokenizer
+from .engine.settings import GenerationRequest, read_stored_settings
+from .loading.checkpoints import load_model, load_vae
+from .loading.hub import resolve_directory, vae_directory
+from .loading.memory import checkpoint_plan, loading_refusal
+from .models.model import NextStepModel
+from .models.quantize import check_quantization
+from .models.vae import AutoencoderKL
 
 
 class _Collect:
@@ -121,9 +91,9 @@ class NextStepPipeline:
         (relative to the model directory), else a ``vae/`` folder inside the model (where
         NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config; VAE
         config fields left out take that family's defaults. ``quantize`` ("int8", "fp8" or None)
-        quantizes the backbone's weights while they load (``nextstep.quantize``).
+        quantizes the backbone's weights while they load (``nextstep.models.quantize``).
 
-        Before any weight is read, the memory plan of one request (``nextstep.memory.one_request``)
+        Before any weight is read, the memory plan of one request (``nextstep.loading.memory.one_request``)
         is checked against the device's free memory: ``NotEnoughMemoryError`` names the need and the
         options. ``check_memory=False`` skips it (a caller that checked several models together)."""
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -132,12 +102,15 @@ class NextStepPipeline:
         device = torch.device(device)
         check_quantization(quantize, device)
         if check_memory:
-            memory_plan(model, device, dtype, quantize, vae).check()
+            checkpoint_plan(model, device, dtype, quantize, vae).check()
         model_dir = resolve_directory(model, "model")
-        network = NextStepModel.from_directory(model_dir, device, dtype, quantize=quantize)
+        try:
+            network = load_model(model_dir, device, dtype, quantize=quantize)
+        except torch.OutOfMemoryError as error:
+            raise loading_refusal(model_dir, device, dtype, quantize) from error
         chosen = chosen or get_family(detect_family(network.config))
-        vae_dir = _vae_directory(model_dir, vae, network.config.vae_name_or_path)
-        autoencoder = AutoencoderKL.from_directory(vae_dir, device, dtype, defaults=chosen.vae_defaults)
+        vae_dir = vae_directory(model_dir, vae, network.config.vae_name_or_path)
+        autoencoder = load_vae(vae_dir, device, dtype, defaults=chosen.vae_defaults)
         return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=chosen.name, directory=model_dir)
 
     def compile(self, cuda_graph: bool | None = None) -> None:

@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nextstep import NextStepPipeline
-from nextstep.devices import set_threads
-from nextstep.engine import NO_HOOKS, Engine
-from nextstep.prompts import guidance_branches
+from nextstep.engine.core import NO_HOOKS, Engine
+from nextstep.engine.prompts import guidance_branches
+from nextstep.loading.devices import set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"  # made by the official code: see its README
 TINY = FIXTURES / "reference-tiny"
 TINY11 = FIXTURES / "reference-tiny-11"
 

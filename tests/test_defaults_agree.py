@@ -11,12 +11,13 @@ import torch
 from gradio_client import Client
 from PIL import Image
 
-import app
 from nextstep import NextStepPipeline
 from nextstep.__main__ import main as cli
+from nextstep.loading.options import RuntimeOptions
+from nextstep.serving.compose import load_services
 
 from .conftest import ROOT, TINY, TINY11
-from .test_app import final_images, launched
+from .pages import final_images, launched
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,8 @@ def test_api_cli_and_page_give_the_same_image(name, tmp_path):
     assert cli([PROMPT, "--model", str(model), *vae_flag, "--seed", str(SEED), *flags,
                 "--out", str(tmp_path / "cli.png")]) == 0
 
-    services = app.load_services(str(model), None, str(vae) if vae else None, "cpu", None, frame_interval=0.0)
+    options = RuntimeOptions(model=str(model), vae=str(vae) if vae else None, device="cpu")
+    services = load_services(options, frame_interval=0.0)
     with launched(services) as url:
         outputs = Client(url, verbose=False).predict(prompt=PROMPT, seed=SEED, randomize_seed=False, **given,
                                                      api_name="/generate")

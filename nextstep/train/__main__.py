@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from ..model import NextStepModel
+from ..engine.prompts import PromptBuilder
+from ..engine.vocab import build_tokenizer
+from ..loading.checkpoints import load_vae, save_model
+from ..models.model import NextStepModel
 from ..pipeline import NextStepPipeline
-from ..prompts import PromptBuilder
-from ..vae import AutoencoderKL
 from .evaluate import tune_defaults
-from .model_training import build_pool, model_config, train_model
 from .examples import write_examples
+from .model_training import build_pool, model_config, train_model
 from .sampling_defaults import read_defaults, write_defaults
 from .vae_training import finetune_decoder, train_vae
-from ..vocab import build_tokenizer
 from .world import vocabulary
 
 MODEL_DIR = "shapes-model"
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 def train(args, model_dir: Path, vae_dir: Path, record: dict, stage_done) -> None:
     tokenizer = build_tokenizer(vocabulary())
     if args.reuse_vae:
-        vae = AutoencoderKL.from_directory(vae_dir)
+        vae = load_vae(vae_dir)
     else:
         vae = train_vae(vae_dir, args.vae_steps, seed=args.seed)
         # The encoder is frozen from here on, so the latents below do not depend on this stage.
@@ -92,7 +92,7 @@ def train(args, model_dir: Path, vae_dir: Path, record: dict, stage_done) -> Non
     model = NextStepModel(config)
 
     def save(network: NextStepModel) -> None:
-        network.save_pretrained(model_dir)
+        save_model(network, model_dir)
         tokenizer.save_pretrained(str(model_dir))
         write_defaults(model_dir, {}, {}, "base settings, not tuned yet")  # holds where edits take the image
 

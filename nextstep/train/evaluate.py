@@ -22,12 +22,30 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..engine.sizes import Size
+from ..models.quantize import QUANTIZATIONS
 from ..pipeline import NextStepPipeline
-from ..quantize import QUANTIZATIONS
-from ..sizes import Size
-from .sampling_defaults import BASE, EDIT_SEARCH, TEXT_TO_IMAGE_SEARCH, coordinate_search, read_defaults
+from .sampling_defaults import (
+    BASE,
+    EDIT_SEARCH,
+    TEXT_TO_IMAGE_SEARCH,
+    coordinate_search,
+    read_defaults,
+)
 from .vae_training import psnr, reconstruct, to_pixels
-from .world import CELLS, COLOURS, EDIT_KINDS, PALETTE, SIZE_FRACTION, Obj, Scene, caption, random_edit, random_scene, render
+from .world import (
+    CELLS,
+    COLOURS,
+    EDIT_KINDS,
+    PALETTE,
+    SIZE_FRACTION,
+    Obj,
+    Scene,
+    caption,
+    random_edit,
+    random_scene,
+    render,
+)
 
 ERODE = 2  # pixels stripped from every colour region: blended edges and thin colour fringes
 MIN_AREA = 20  # pixels left after erosion for a colour to count as an object
@@ -288,12 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="quantize the backbone's weights while loading")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = NextStepPipeline.from_pretrained(args.model)
-    if args.quantize:  # the same checkpoint, its backbone quantized while loading
-        model = NextStepModel.from_directory(pipe.directory, pipe.device, pipe.model.dtype, quantize=args.quantize)
-        pipe = NextStepPipeline(
-            model, pipe.vae, pipe.tokenizer, name=pipe.name, family=pipe.family, directory=pipe.directory
-        )
+    pipe = NextStepPipeline.from_pretrained(args.model, quantize=args.quantize)  # quantized while loading
     settings = read_defaults(args.model)
     report = full_report(pipe, settings, args.singles, args.pairs, args.edits)
     report["settings"], report["threads"], report["quantize"] = settings, args.threads, args.quantize

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from ..sizes import Size
+from ..engine.sizes import Size
 from .evaluate import held_out_scenes, score_edit, score_scene
 from .world import EDIT_KINDS, Obj, Scene, caption, random_edit, render
 

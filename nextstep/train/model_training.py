@@ -34,14 +34,30 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import NextStepConfig
-from ..model import NextStepModel
-from ..prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER, IMAGE_SLOT, PromptBuilder, with_image_slot
-from ..tokens import patchify
-from ..vae import AutoencoderKL
+from ..engine.prompts import (
+    BEGIN_OF_IMAGE,
+    END_OF_IMAGE,
+    IMAGE_PLACEHOLDER,
+    IMAGE_SLOT,
+    PromptBuilder,
+    with_image_slot,
+)
+from ..models.config import NextStepConfig
+from ..models.model import NextStepModel
+from ..models.tokens import patchify
+from ..models.vae import AutoencoderKL
 from .optim import make_optimizer
 from .vae_training import encode, to_pixels
-from .world import COLOURS, PALETTE, Edit, Scene, caption, random_edit, random_scene, render
+from .world import (
+    COLOURS,
+    PALETTE,
+    Edit,
+    Scene,
+    caption,
+    random_edit,
+    random_scene,
+    render,
+)
 
 # Guidance dropout: text-to-image rows lose their caption; edit rows lose the instruction
 # (the image-only branch) or everything (the negative-only branch).

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..settings import STORED_SETTINGS as FILE
+from ..engine.settings import STORED_SETTINGS as FILE
 from .model_training import EDIT_IMAGE_SLOT
 
 BASE = dict(

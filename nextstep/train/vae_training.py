@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..vae import AutoencoderKL, VAEConfig
+from ..loading.checkpoints import save_vae
+from ..models.vae import AutoencoderKL, VAEConfig
 from .optim import make_optimizer
 from .world import random_scene, render
 
@@ -136,4 +137,4 @@ def fit(vae, parameters, out, steps, batch_size, size, crop, lr, rng, save_every
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(decoded.detach(), pixels):.1f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            vae.save_pretrained(out)
+            save_vae(vae, out)

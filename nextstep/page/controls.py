@@ -1,0 +1,230 @@
+"""The page's input controls: one table of the sampling settings, keyed by request field, and the
+widgets that read what a visitor (or an API client) sends.
+
+A control's value reaches the service under its request field's name. Each widget reads its
+payload with the engine's readers (``nextstep.engine.inputs.number``, ``settings.read_boolean``)
+within the control's own range and choices; a refusal becomes one message naming the control
+(``refusal``: on the page, one line in the log, no traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..engine.inputs import data_url_bytes, number
+from ..engine.preview import PREVIEW_MODES
+from ..engine.sampling import CFG_SCHEDULES, SAMPLERS
+from ..engine.settings import MAX_DRAWN_SEED, read_boolean
+from ..engine.sizes import Size
+from .guard import MAX_FILE_SIZE, uploaded_file
+
+LOG = logging.getLogger("nextstep.page")  # refused input: one line each (app.py shows them)
+NOT_UPLOADED = ("The input image must be a file uploaded through this page or its API (gradio_client's "
+                "handle_file), or a picture sent inline as a base64 data: URL.")
+
+
+def refusal(message: str) -> gr.Error:
+    """An error about the visitor's own input: shown on the page, one line in the log, no traceback."""
+    LOG.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+# ---- widgets that read their payload strictly ------------------------------------------------
+
+
+def read_number(payload, label: str, minimum, maximum, whole: bool):
+    """A control's value as sent (numbers, or numeric text from API clients), strictly: empty, not
+    a number, a fraction where a whole number is asked, or out of the control's range is refused
+    with a message naming the control and what it takes."""
+    def plain(value) -> str:  # 4294967295, 0.1, 15: as the control shows them
+        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+    allowed = f"{'a whole number' if whole else 'a number'} between {plain(minimum)} and {plain(maximum)}"
+    if payload is None:
+        raise refusal(f"{label} is empty: enter {allowed}")
+    try:
+        return number(payload, label, minimum=minimum, maximum=maximum, integer=whole)
+    except ValueError:
+        shown = repr(payload) if len(repr(payload)) <= 40 else repr(payload)[:37] + "..."
+        raise refusal(f"{label} must be {allowed}, got {shown}") from None
+
+
+class CheckedSlider(gr.Slider):
+    is_template = True  # drawn by the frontend as a plain slider
+
+    def preprocess(self, payload):
+        whole = float(self.step).is_integer() and float(self.minimum).is_integer()
+        return read_number(payload, self.label, self.minimum, self.maximum, whole)
+
+
+class CheckedNumber(gr.Number):
+    """A number box that may be left empty (the seed, while Randomize seed is ticked)."""
+
+    is_template = True  # drawn by the frontend as a plain number box
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        return read_number(payload, self.label, self.minimum, self.maximum, self.precision == 0)
+
+
+class CheckedCheckbox(gr.Checkbox):
+    is_template = True  # drawn by the frontend as a plain checkbox
+
+    def preprocess(self, payload):
+        try:
+            return read_boolean(payload, self.label)
+        except ValueError as error:
+            raise refusal(str(error)) from None
+
+
+def checked_choice(control: gr.Dropdown | gr.Radio, payload):
+    """A choice control's value: empty or unknown gets a message naming it and its choices."""
+    values = [value for _label, value in control.choices]
+    if payload is None or payload not in values:
+        got = "it is empty" if payload is None else f"got {payload!r}"
+        raise refusal(f"{control.label} must be one of {', '.join(map(str, values))}: {got}")
+    return payload
+
+
+class CheckedDropdown(gr.Dropdown):
+    is_template = True  # drawn by the frontend as a plain dropdown
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_choice(self, payload))
+
+
+class CheckedRadio(gr.Radio):
+    is_template = True  # drawn by the frontend as plain radio buttons
+
+    def preprocess(self, payload):
+        return super().preprocess(checked_choice(self, payload))
+
+
+class ImageUpload(gr.Image):
+    """``gr.Image`` whose input reaches the handler undecoded, as the path of an uploaded file or
+    the bytes of an inline ``data:`` URL, so that unreadable, truncated or oversized pictures get
+    ``nextstep.engine.inputs``' clear messages from their headers rather than being decoded by Gradio.
+
+    Only files inside the upload folder are taken: Gradio checks a payload's path only when the
+    payload carries its FileData marker, so a bare ``{"path": ...}`` could otherwise name any file
+    on the server. Whatever else is sent gets one message, whether or not such a file exists."""
+
+    is_template = True  # drawn by the frontend as a plain image input
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if (payload.url or "").startswith("data:"):
+            try:
+                return data_url_bytes(payload.url, MAX_FILE_SIZE)  # charged by the handler
+            except ValueError as error:
+                raise refusal(f"The input image could not be read: {error}.") from None
+        if payload.path and uploaded_file(payload.path):
+            return str(payload.path)
+        raise refusal(NOT_UPLOADED)
+
+
+# ---- the sampling controls: one table, keyed by request field -------------------------------
+
+
+@dataclass(frozen=True)
+class Control:
+    """How one request field is drawn: in which accordion and row, by what widget."""
+
+    section: str  # "Settings" or "Prompts"
+    row: int  # controls with the same row number sit side by side
+    build: Callable[[TabContext], gr.Component]
+    edit_only: bool = False
+
+
+@dataclass
+class TabContext:
+    """What a control needs to draw itself for one tab."""
+
+    prefix: str
+    defaults: dict  # the service's defaults for this tab (``NextStepPipeline.defaults``)
+    sizes: list[Size]
+
+
+def labelled(choices: dict[str, str]) -> list[tuple[str, str]]:
+    """A ``{value: label}`` vocabulary as a choice control's (label, value) pairs."""
+    return [(label, value) for value, label in choices.items()]
+
+
+# Each key is a request field: the control's value reaches the engine under that name.
+CONTROLS = {
+    "size": Control("Settings", 0, lambda t: CheckedDropdown(
+        [(s.label, s.value) for s in t.sizes], value=t.defaults["size"].value, label="Size (width × height)",
+        elem_id=f"{t.prefix}-size")),
+    "num_images": Control("Settings", 1, lambda t: CheckedSlider(1, 4, value=t.defaults["num_images"], step=1,
+                                                                 label="Images")),
+    "cfg": Control("Settings", 2, lambda t: CheckedSlider(
+        1, 15, value=t.defaults["cfg"], step=0.1, label="Text guidance", info="How strongly the image follows the text",
+        elem_id=f"{t.prefix}-cfg")),
+    "cfg_img": Control("Settings", 2, lambda t: CheckedSlider(
+        1, 10, value=t.defaults["cfg_img"], step=0.1, label="Image guidance",
+        info="How strongly the result keeps the input image"), edit_only=True),
+    "num_sampling_steps": Control("Settings", 3, lambda t: CheckedSlider(
+        1, 100, value=t.defaults["num_sampling_steps"], step=1, label="Sampling steps per token",
+        elem_id=f"{t.prefix}-steps")),
+    "timesteps_shift": Control("Settings", 3, lambda t: CheckedSlider(
+        0.1, 10, value=t.defaults["timesteps_shift"], step=0.1, label="Time shift")),
+    "cfg_schedule": Control("Settings", 4, lambda t: CheckedRadio(
+        labelled(CFG_SCHEDULES), value=t.defaults["cfg_schedule"], label="Guidance schedule")),
+    "sampler": Control("Settings", 4, lambda t: CheckedDropdown(
+        list(SAMPLERS), value=t.defaults["sampler"], label="Sampler",
+        info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")),
+    "use_norm": Control("Settings", 5, lambda t: CheckedCheckbox(
+        value=t.defaults["use_norm"], label="Normalise tokens", info="LayerNorm each sampled token (NextStep-1)",
+        elem_id=f"{t.prefix}-norm")),
+    "seed": Control("Settings", 6, lambda t: CheckedNumber(
+        value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label="Seed", elem_id=f"{t.prefix}-seed")),
+    "negative_prompt": Control("Prompts", 0, lambda t: gr.Textbox(
+        value=t.defaults["negative_prompt"], label="Negative prompt", placeholder="What the image should avoid",
+        elem_id=f"{t.prefix}-negative")),
+    "positive_prompt": Control("Prompts", 1, lambda t: gr.Textbox(
+        value=t.defaults["positive_prompt"], label="Positive (style) prompt", placeholder="Appended to the prompt",
+        elem_id=f"{t.prefix}-positive")),
+}
+
+
+@dataclass
+class TabControls:
+    """One tab's controls: ``settings`` by request field, plus how the page seeds and previews."""
+
+    settings: dict[str, gr.Component]
+    randomize_seed: gr.Checkbox
+    preview: gr.Radio
+    preview_every: gr.Slider
+
+    def inputs(self) -> dict[str, gr.Component]:
+        """The handler's keyword inputs (``inputs_kwargs``)."""
+        page = dict(randomize_seed=self.randomize_seed, preview=self.preview, preview_every=self.preview_every)
+        return {**self.settings, **page}
+
+
+def sampling_controls(context: TabContext, edit: bool) -> TabControls:
+    chosen = {name: control for name, control in CONTROLS.items() if edit or not control.edit_only}
+    settings = {}
+    for section, opened in (("Settings", True), ("Prompts", edit)):
+        with gr.Accordion(section, open=opened):
+            in_section = [(name, c) for name, c in chosen.items() if c.section == section]
+            for row in sorted({c.row for _, c in in_section}):
+                with gr.Row():
+                    for name, control in in_section:
+                        if control.row == row:
+                            settings[name] = control.build(context)
+                    if section == "Settings" and row == CONTROLS["seed"].row:
+                        randomize_seed = CheckedCheckbox(value=True, label="Randomize seed",
+                                                         elem_id=f"{context.prefix}-randomize")
+            if section == "Settings":
+                with gr.Row():
+                    preview = CheckedRadio(labelled(PREVIEW_MODES), value="vae", label="Live preview",
+                                           info="Exact runs the VAE decoder; Fast is a nearly free colour map")
+                    preview_every = CheckedSlider(1, 64, value=8, step=1, label="Preview every N tokens")
+    return TabControls(settings, randomize_seed, preview, preview_every)

@@ -1,0 +1,391 @@
+"""Runs on the page: a tab's order handed to its service, the service's frames streamed to the
+page (live preview, status line, results with their parameters), and how each run ended.
+
+Stop cancels the run's event; Gradio then runs the event's follow-up listener, after the
+cancelled stream is gone. That listener (``after_run``) alone writes "Stopped.", once the request
+has let go of the model, so no late progress frame can overwrite it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+from gradio.data_classes import ImageData
+from PIL import Image
+
+from ..engine.inputs import clean_text
+from ..engine.settings import MAX_DRAWN_SEED, SETTINGS
+from ..engine.sizes import Size
+from ..pnginfo import read_parameters, with_parameters
+from ..serving.service import Busy, GenerationFailed, Order, Progress, Service, Ticket
+from .controls import LOG, TabControls, refusal
+from .guard import PageLimits, ReaderWatch, charge_inline_image
+
+STOPPED = "Stopped."
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+def status_line(frame: Progress) -> str:
+    """The status line under a run's preview: tokens, speed, elapsed time and time left; at the end
+    the totals and the seed."""
+    if frame.result is not None:
+        return (f"Done: {frame.total} tokens in {clock(frame.elapsed)} ({frame.rate:.1f} tokens/s) · "
+                f"seed {frame.result.seed}")
+    eta = (frame.total - frame.done) / frame.rate if frame.rate else math.inf
+    eta_text = clock(eta) if math.isfinite(eta) else "…"
+    return (f"Tokens {frame.done}/{frame.total} · {frame.rate:.1f} tokens/s · "
+            f"elapsed {clock(frame.elapsed)} · ETA {eta_text}")
+
+
+def tile(images: list[Image.Image]) -> Image.Image:
+    """Several same-sized pictures side by side in rows of two (one picture stays as it is)."""
+    if len(images) == 1:
+        return images[0]
+    width, height = images[0].size
+    columns = 2
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+# ---- what a tab shows of its runs ---------------------------------------------------------------
+
+
+class LivePreview(gr.Image):
+    """The live preview: each frame travels inside the stream as a JPEG data URL. Written to the
+    cache as files, as ``gr.Image`` does, a request's many frames would fill the disk whether or
+    not anyone looks, and a file removed once shown may still be on its way to a slow reader."""
+
+    is_template = True  # drawn by the frontend as a plain image
+
+    def postprocess(self, value):
+        if not isinstance(value, Image.Image):
+            return super().postprocess(value)
+        buffer = io.BytesIO()
+        value.convert("RGB").save(buffer, "JPEG", quality=90)
+        return ImageData(url="data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(),
+                         orig_name="preview.jpeg", mime_type="image/jpeg")
+
+
+@dataclass
+class Results:
+    preview: gr.Image
+    gallery: gr.Gallery
+    status: gr.Markdown
+    parameters: gr.JSON
+    selected: gr.State  # index of the gallery image picked for "send to Edit" / "use as input"
+
+    def outputs(self, seed: gr.Number) -> list:
+        """What a run updates, in the order ``stream_to_page`` yields it."""
+        return [self.preview, self.gallery, self.status, self.parameters, seed]
+
+
+def result_panel(prefix: str) -> Results:
+    preview = LivePreview(label="Live preview", interactive=False, height=360, elem_id=f"{prefix}-preview",
+                          elem_classes=["live-preview"])
+    status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
+    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False,
+                         height=240, object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
+    with gr.Accordion("Parameters of these results", open=False):
+        parameters = gr.JSON(label="Parameters", elem_id=f"{prefix}-parameters")
+    selected = gr.State(0)
+    gallery.select(remember_selection, None, selected, api_visibility="private")
+    return Results(preview, gallery, status, parameters, selected)
+
+
+def remember_selection(event: gr.SelectData) -> int:
+    return event.index
+
+
+@dataclass
+class Tab:
+    """One tab's widgets: its prompt (the instruction, for Edit), controls, buttons and results."""
+
+    name: str  # "generate" or "edit"
+    prompt: gr.Textbox
+    controls: TabControls
+    sizes: list[Size]
+    run: gr.Button
+    stop: gr.Button
+    results: Results
+    image: gr.Image | None = None  # the Edit tab's input
+
+    @property
+    def seed(self) -> gr.Number:
+        return self.controls.settings["seed"]
+
+    def inputs(self) -> dict[str, gr.Component]:
+        """The run handler's keyword inputs."""
+        image = {"image": self.image} if self.image is not None else {}
+        return dict(**image, prompt=self.prompt, **self.controls.inputs())
+
+
+def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        run = gr.Button(label, variant="primary", interactive=enabled, elem_id=f"{prefix}-run")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+    return run, stop
+
+
+# ---- how runs end ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """How one run of a tab ended: "running" until it is "done", "failed" or "stopped"."""
+
+    outcome: str = "running"
+    ticket: Ticket | None = None  # once submitted
+
+
+class RunBook:
+    """How each browser session's latest run of each tab ended, for the status line after Stop."""
+
+    LIMIT = 1024  # sessions that closed before their follow-up ran are forgotten oldest first
+
+    def __init__(self):
+        self._runs: OrderedDict[tuple[str, str], RunRecord] = OrderedDict()
+
+    def start(self, key: tuple[str, str]) -> RunRecord:
+        record = RunRecord()
+        self._runs[key] = record
+        self._runs.move_to_end(key)
+        while len(self._runs) > self.LIMIT:
+            self._runs.popitem(last=False)
+        return record
+
+    def pop(self, key: tuple[str, str]) -> RunRecord | None:
+        return self._runs.pop(key, None)
+
+
+def after_run(book: RunBook, tab: str) -> Callable:
+    """The follow-up listener of a tab's runs: "Stopped." once a stopped request has left the
+    model, else nothing."""
+
+    async def status_after(request: gr.Request):
+        record = book.pop((request.session_hash, tab))
+        if record is None or record.outcome != "stopped":
+            return gr.skip()
+        if record.ticket is not None:
+            await asyncio.to_thread(record.ticket.wait_left, 60)
+        return STOPPED
+
+    return status_after
+
+
+# ---- streaming a run ------------------------------------------------------------------------------
+
+
+def page_order(prompt, image, randomize_seed: bool, preview: str, preview_every: int, settings: dict) -> Order:
+    """The order a tab's controls make: ``settings`` by request field, the seed among them."""
+    if not clean_text(prompt, "prompt"):
+        raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
+    settings = dict(settings)
+    seed = settings.pop("seed", None)
+    if randomize_seed:
+        seed = None  # the service draws one, and the page shows it
+    elif seed is None:
+        raise ValueError(f"Seed is empty: enter a whole number between 0 and {MAX_DRAWN_SEED}, or tick "
+                         "Randomize seed")
+    return Order(prompt, image, settings, seed, preview, preview_every)
+
+
+async def stream_to_page(service: Service, record: RunRecord, prompt: str, image, *, randomize_seed: bool,
+                         preview: str, preview_every, limits: PageLimits | None = None,
+                         reader: ReaderWatch | None = None, **settings):
+    """Yield (preview, gallery, status, parameters, seed) frames for one request; ``settings`` are
+    request fields. ``record`` learns how the run ended ("done", "failed", "stopped" or "dropped":
+    ``reader`` saw nobody take its frames). With ``limits``, the cache is swept when it ends."""
+    watch = None
+    try:
+        ticket = service.submit(page_order(prompt, image, randomize_seed, preview, preview_every, settings))
+        record.ticket = ticket
+        if reader is not None:
+            watch = asyncio.create_task(reader.cancel_when_abandoned(ticket))
+        yield None, None, "Waiting for the model…", None, ticket.seed
+        # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
+        # rebuilds a skipped component's whole config (its API schema included), which costs
+        # far more than the frame itself and, with many users, slows the model's thread.
+        shown_preview = None
+        # Closed with this generator (Stop closes it while it waits at a yield), not when collected.
+        async with contextlib.aclosing(service.frames(ticket)) as frames:
+            async for frame in frames:
+                if frame.result is not None:
+                    images = frame.result.images
+                    record.outcome = "done"
+                    yield tile(images), images, status_line(frame), frame.result.parameters, ticket.seed
+                else:
+                    shown_preview = tile(frame.preview) if frame.preview else shown_preview
+                    yield shown_preview, None, status_line(frame), None, ticket.seed
+        if record.outcome == "running" and watch is not None and watch.done():
+            record.outcome = "dropped"
+            LOG.info("dropped: nobody read the request's frames for %g s", reader.patience)
+    except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
+        record.outcome = "failed"
+        raise refusal(str(error)) from None
+    except (asyncio.CancelledError, GeneratorExit):  # Stop, or the page went away
+        record.outcome = "stopped"
+        raise
+    except BaseException:
+        record.outcome = "failed"
+        raise
+    finally:
+        if watch is not None:
+            watch.cancel()
+        if limits is not None:
+            limits.cache.poke()  # the result's files are written by now
+
+
+async def last_frame(service: Service, prompt: str, image, **settings) -> tuple:
+    """The final (preview, gallery, status, parameters, seed) frame of one request, run without previews."""
+    frame = None
+    async for frame in stream_to_page(service, RunRecord(), prompt, image,
+                                      preview="none", preview_every=1, **settings):
+        pass
+    return frame
+
+
+async def final_image_of(service: Service, prompt: str, image, settings: dict, reader: ReaderWatch | None = None):
+    """The finished picture of one request (several images side by side), carrying its parameters."""
+    _, images, *_ = await last_frame(service, prompt, image, reader=reader, **settings)
+    if not images:  # dropped, nobody reading
+        raise refusal("The request was dropped: nobody read its result.")
+    # One request's images share its parameters: a sheet of several carries them too.
+    return images[0] if len(images) == 1 else with_parameters(tile(images), read_parameters(images[0]))
+
+
+# ---- the same requests for agents (MCP) -------------------------------------------------------------
+
+# What the tools' parameters mean, for agents (MCP lists these; the sliders add their ranges).
+PAGE_PARAMETERS = {
+    "prompt": "what the image should show, or for an edit what to change",
+    "image": "the picture to edit (a file)",
+    "randomize_seed": "draw a fresh seed (true) or use the given seed (false)",
+}
+
+
+def tool_description(summary: str, names: list[str]) -> str:
+    """A docstring in the layout Gradio reads tool and parameter descriptions from."""
+    lines = [f"    {name}: {PAGE_PARAMETERS.get(name) or SETTINGS[name].help}" for name in names]
+    return summary + "\n\nArgs:\n" + "\n".join(lines)
+
+
+def hidden_from_mcp(handler: Callable) -> None:
+    """Gradio offers every public endpoint as an MCP tool unless its function is marked as
+    something else (the attribute its ``gr.mcp`` decorators set). The page's streaming handlers
+    answer with frames an agent cannot use; ``generate_image`` and ``edit_image`` serve agents."""
+    handler._mcp_type = "page"
+
+
+# ---- wiring a tab's runs --------------------------------------------------------------------------
+
+MODEL_QUEUE = "model"  # every event that runs a model shares one queue
+NO_EDIT_MODEL = (
+    "No edit-capable model is loaded: this checkpoint takes no input image. "
+    "Start the app with `--edit-model` (for example `stepfun-ai/NextStep-1-Large-Edit`) to edit images."
+)
+
+
+def input_image(image, request: gr.Request, limits: PageLimits, missing: str):
+    """An edit's input image as it may be used: present, and within its visitor's upload budget
+    when it came inline."""
+    if image is None:
+        raise refusal(missing)
+    if (refused := charge_inline_image(image, request, limits)) is not None:
+        raise refusal(refused)
+    return image
+
+
+def run_handler(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBook, limits: PageLimits) -> Callable:
+    """The handler of a tab's runs: the order its controls make, streamed to the page."""
+
+    def reader_of(request: gr.Request) -> ReaderWatch:
+        return ReaderWatch(demo, request.session_hash, limits.reader_patience)
+
+    if tab.image is None:
+        async def generate(prompt, request: gr.Request, **settings):
+            """Generate images from a text prompt with NextStep-1.
+
+            Args:
+                prompt: what the picture should show
+            """
+            record = book.start((request.session_hash, tab.name))
+            async for frame in stream_to_page(service, record, prompt, None, limits=limits,
+                                              reader=reader_of(request), **settings):
+                yield frame
+
+        return generate
+
+    async def edit(image, prompt, request: gr.Request, **settings):
+        """Edit an image by an instruction with NextStep-1.
+
+        Args:
+            image: the picture to edit
+            prompt: the instruction: what to change
+        """
+        record = book.start((request.session_hash, tab.name))
+        if service is None:
+            raise refusal(NO_EDIT_MODEL)
+        image = input_image(image, request, limits, "Add an input image first (upload, paste or take a photo).")
+        async for frame in stream_to_page(service, record, prompt, image, limits=limits,
+                                          reader=reader_of(request), **settings):
+            yield frame
+
+    return edit
+
+
+def wire_runs(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBook, limits: PageLimits,
+              in_flight: int):
+    """A tab's run event (its button and Enter in its prompt, ``/generate`` or ``/edit`` in the
+    API), its Stop, and the follow-up that writes "Stopped."; returns the run event."""
+    handler = run_handler(demo, tab, service, book, limits)
+    hidden_from_mcp(handler)
+    event = gr.on([tab.run.click, tab.prompt.submit], handler, [], tab.results.outputs(tab.seed),
+                  inputs_kwargs=tab.inputs(), api_name=tab.name, concurrency_id=MODEL_QUEUE,
+                  concurrency_limit=in_flight, show_progress="minimal", show_progress_on=[tab.results.status])
+    tab.stop.click(None, None, None, cancels=[event], queue=False, api_visibility="private")
+    event.then(after_run(book, tab.name), None, tab.results.status, queue=False, api_visibility="private")
+    return event
+
+
+def wire_tools(demo: gr.Blocks, generate: Tab, edit: Tab, generator: Service, editor: Service | None,
+               limits: PageLimits) -> None:
+    """For agents (MCP, and API clients that want one answer): ``/generate_image`` and
+    ``/edit_image``, the same requests as the tabs', answering with the final image only."""
+
+    def reader_of(request: gr.Request) -> ReaderWatch:
+        return ReaderWatch(demo, request.session_hash, limits.reader_patience)
+
+    async def generate_image(prompt, request: gr.Request, **settings):
+        return await final_image_of(generator, prompt, None, settings, reader_of(request))
+
+    async def edit_image(image, prompt, request: gr.Request, **settings):
+        if editor is None:
+            raise refusal(NO_EDIT_MODEL)
+        image = input_image(image, request, limits, "Give an input image to edit.")
+        return await final_image_of(editor, prompt, image, settings, reader_of(request))
+
+    generate_image.__doc__ = tool_description("Generate an image from a text prompt with NextStep-1.",
+                                              ["prompt", *generate.controls.settings, "randomize_seed"])
+    edit_image.__doc__ = tool_description("Edit an image by an instruction with NextStep-1.",
+                                          ["image", "prompt", *edit.controls.settings, "randomize_seed"])
+    final_image = gr.Image(visible=False, format="png")
+    for tab, tool in ((generate, generate_image), (edit, edit_image)):
+        image = {"image": tab.image} if tab.image is not None else {}
+        gr.on([], tool, [], final_image, api_name=tool.__name__, concurrency_id=MODEL_QUEUE,
+              inputs_kwargs=dict(**image, prompt=tab.prompt, **tab.controls.settings,
+                                 randomize_seed=tab.controls.randomize_seed))

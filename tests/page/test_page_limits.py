@@ -1,0 +1,112 @@
+"""The page's bounds against hostile or vanished clients, through a launched server: Stop that
+never waits behind another request, uploads and the cache held to their bounds, preview frames
+gone once shown, abandoned requests dropped, unknown endpoints answered with a message."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from nextstep.page.guard import CacheBound, PageLimits, UploadLedger
+
+from ..pages import (
+    GENERATE,
+    final_images,
+    held_until_stopped,
+    launched,
+    tiny_services,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+QUICK = dict(GENERATE, size="64x64", preview="none")
+
+
+def test_a_waiting_requests_stop_and_then_a_running_ones_each_return_within_a_second(monkeypatch):
+    services = tiny_services()
+    running = held_until_stopped(services.generator.pipe.engine, monkeypatch)  # A runs until stopped
+    scheduler = services.generator.scheduler
+    with launched(services) as url:
+        a = Client(url, verbose=False).submit(**dict(QUICK, seed=1), api_name="/generate")
+        wait_until(running.is_set, "A's token loop runs")
+        b = Client(url, verbose=False).submit(**dict(QUICK, seed=2), api_name="/generate")
+        wait_until(lambda: len(scheduler._waiting) == 1, "B waits in line behind A's batch")
+
+        started = time.monotonic()
+        b.cancel()
+        assert time.monotonic() - started < 1.0, "Stop of a waiting request returns at once"
+        wait_until(lambda: scheduler.load == 1, "B has left the line", timeout=1.0)
+
+        started = time.monotonic()
+        a.cancel()
+        assert time.monotonic() - started < 1.0, "Stop of the running request is not held up by B's"
+        wait_until(lambda: scheduler.load == 0, "A's batch has stopped", timeout=1.0)
+        assert not any(outputs[1] for outputs in a.outputs()), "no result after Stop"
+
+
+def test_a_burst_of_uploads_beyond_the_bound_is_refused_and_others_still_upload(tmp_path):
+    ledger = UploadLedger(per_client=1_000_000, total=1_500_000, window=3600)
+    limits = PageLimits(cache=CacheBound(folder=tmp_path), uploads=ledger)
+    with launched(tiny_services(), limits) as url:
+        def upload(index: int, client: str = "203.0.113.7") -> httpx.Response:
+            return httpx.post(f"{url}gradio_api/upload", files={"files": (f"{index}.bin", b"x" * 300_000)},
+                              headers={"X-Forwarded-For": client})
+
+        assert [upload(i).status_code for i in range(3)] == [200, 200, 200]
+        refused = upload(3)
+        assert refused.status_code == 429 and "Too many uploads" in refused.json()["error"]
+        assert upload(4, client="198.51.100.9").status_code == 200  # another visitor, within the total
+        everyone = upload(5, client="192.0.2.1")
+        assert everyone.status_code == 429 and "too many uploads right now" in everyone.json()["error"]
+        assert final_images(Client(url, verbose=False).predict(**QUICK, api_name="/generate"))
+
+
+def test_after_many_requests_the_cache_holds_at_most_its_bound_and_never_a_preview(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # the page's cache, where Gradio keeps what it serves
+    limit = 40_000
+    limits = PageLimits(cache=CacheBound(limit=limit, folder=tmp_path))
+    with launched(tiny_services(), limits) as url:
+        client = Client(url, verbose=False, download_files=False)  # a client's own copies stay out of it
+        for seed in range(8):
+            previews = 0
+            for preview, gallery, *_ in client.submit(**dict(GENERATE, seed=seed), api_name="/generate"):
+                previews += preview is not None and not gallery
+            assert previews > 0, "the request streamed preview frames"
+        limits.cache.wait_idle(60)
+        files, size = limits.cache.usage()
+        assert 0 < size <= limit
+        kept = [path for path in tmp_path.rglob("*") if path.is_file()]
+        assert kept and all(path.name == "image.png" for path in kept), "only results: previews stay in memory"
+        assert len(kept) < 8, "the bound removed the oldest results"
+
+
+def test_an_abandoned_call_request_is_dropped(monkeypatch):
+    services = tiny_services()
+    running = held_until_stopped(services.generator.pipe.engine, monkeypatch)  # only a cancel ends it
+    with launched(services, PageLimits(reader_patience=0.5)) as url:
+        posted = httpx.post(f"{url}gradio_api/call/v2/generate", json=dict(QUICK, preview="vae", preview_every=1))
+        assert posted.status_code == 200 and posted.json()["event_id"]  # and nobody ever reads its stream
+        wait_until(running.is_set, "the request runs")
+        wait_until(lambda: not services.generator.busy, "the request is dropped")
+        monkeypatch.undo()  # the token loop runs freely again
+        assert final_images(Client(url, verbose=False).predict(**QUICK, api_name="/generate"))
+
+
+@pytest.fixture(scope="module")
+def url():
+    with launched(tiny_services()) as address:
+        yield address
+
+
+@pytest.mark.parametrize("path", ["gradio_api/call/nope", "gradio_api/call/v2/nope", "gradio_api/run/nope",
+                                  "gradio_api/call/predict"])
+def test_an_unknown_endpoint_gets_a_message_naming_the_real_ones(url, path):
+    answer = httpx.post(url + path, json={"data": []})
+    assert answer.status_code == 404
+    name = path.rsplit("/", 1)[1]
+    assert answer.json() == {"error": f"There is no endpoint /{name}; this app offers /generate, /edit, "
+                                      "/generate_image, /edit_image."}

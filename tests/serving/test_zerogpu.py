@@ -1,0 +1,304 @@
+"""ZeroGPU: the GPU task's reservation, and the page served under spaces' real ZeroGPU wrapper on a CPU.
+
+The page test starts ``tests/serving/zerogpu_space.py`` in a process of its own (spaces patches torch for the
+whole process it is imported in), with ZeroGPU's environment; that file says what it fakes and why.
+The device API that spaces' client schedules GPUs with is the HTTP server here, which records what
+it was asked (reservations, releases), so the test can wait on its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from nextstep.engine.settings import GenerationRequest
+from nextstep.engine.sizes import Size
+from nextstep.models.model import NextStepModel
+from nextstep.pnginfo import read_parameters
+from nextstep.serving import zerogpu
+from nextstep.serving.service import Order
+from nextstep.serving.zerogpu import (
+    MAX_SECONDS,
+    GpuService,
+    GpuTask,
+    ModelCost,
+    gpu_seconds,
+)
+from nextstep.tools.bench import random_config
+
+from ..conftest import ROOT, TINY
+from ..pages import GENERATE, INPUT_IMAGE, free_port, got_result, preview_pixels
+
+# NextStep-1's official text-to-image request, and what an edit changes.
+TEXT = dict(prompt="a red circle", image=None, negative_prompt="", positive_prompt="", size=Size(512, 512),
+            num_images=1, cfg=7.5, cfg_img=1.0, cfg_schedule="constant", timesteps_shift=1.0, num_sampling_steps=50,
+            use_norm=True, sampler="v1", seed=0)
+EDIT = dict(image=Image.open(INPUT_IMAGE), cfg_img=2.0, timesteps_shift=3.2, negative_prompt="Copy original image.")
+
+
+def off_zero_gpu(task, **reservation):
+    """``spaces.GPU`` off ZeroGPU: the function itself."""
+    return task
+
+
+# ---- the reservation ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large_cost() -> ModelCost:
+    """The cost of the 14B shape (NextStep-1-Large's), built on the meta device."""
+    config, _, _ = random_config("nextstep-1-large")
+    with torch.device("meta"):
+        return ModelCost.of(NextStepModel(config).to(torch.bfloat16))
+
+
+def reserved(cost: ModelCost, **changes) -> int:
+    size = dict(TEXT, **changes)["size"]
+    request = GenerationRequest(**dict(TEXT, **changes), grid=(size.height // 16, size.width // 16))
+    return gpu_seconds(cost, request, cost.weight_bytes)
+
+
+def test_the_reservation_grows_with_size_steps_images_branches_and_model(large_cost, tiny_pipe):
+    start = reserved(large_cost)
+    assert reserved(large_cost, size=Size(256, 256)) < start and reserved(large_cost, num_sampling_steps=25) < start
+    assert reserved(large_cost, num_images=4) > start
+    assert reserved(large_cost, cfg=1.0) < start < reserved(large_cost, **EDIT)  # 1, 2, 3 guidance branches
+    assert reserved(ModelCost.of(tiny_pipe.model)) < start
+
+
+def test_the_official_14b_requests_fit_one_zerogpu_task(large_cost):
+    # 512x512 (32x32 tokens), 50 steps, as the official examples.
+    assert 60 < reserved(large_cost) <= MAX_SECONDS and reserved(large_cost, **EDIT) <= MAX_SECONDS
+    assert reserved(large_cost, num_sampling_steps=100) > MAX_SECONDS
+
+
+def test_a_request_longer_than_zerogpu_grants_is_refused_with_a_message(tiny_pipe, monkeypatch):
+    service = GpuService(GpuTask([tiny_pipe], 0.0, off_zero_gpu), 0)
+    small = dict(size=(64, 64), num_sampling_steps=2)
+    allowed = service.task.duration(0, tiny_pipe.engine.request("a red circle", **small), "none", 1)
+    monkeypatch.setattr(zerogpu, "MAX_SECONDS", allowed)
+    service.submit(Order("a red circle", settings=small))
+    with pytest.raises(ValueError, match=r"GPU time, more than the .* s ZeroGPU .*fewer sampling steps"):
+        service.submit(Order("a red circle", settings=dict(small, size=(256, 256), num_sampling_steps=50)))
+    assert not service.busy
+
+
+def test_a_gpu_task_streams_throttled_frames_and_the_result(tiny_pipe):
+    service = GpuService(GpuTask([tiny_pipe], 60.0, off_zero_gpu), 0)
+    ticket = service.submit(Order("a red circle", settings=dict(size=(64, 64), num_sampling_steps=2), seed=1,
+                                  preview_every=1))
+
+    async def collect():
+        return [frame async for frame in service.frames(ticket)]
+
+    frames = asyncio.run(collect())
+    assert len(frames) == 2 and frames[0].done == 1 and frames[-1].result is not None
+    assert read_parameters(frames[-1].result.images[0])["seed"] == 1
+    assert ticket.wait_left(30) and not service.busy
+
+
+# ---- the page under spaces' ZeroGPU wrapper -------------------------------------------------
+
+
+class DeviceAPI(ThreadingHTTPServer):
+    """ZeroGPU's device API, as spaces' client calls it: every GPU asked for is granted at once."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), DeviceAPIHandler)
+        self.calls: list[tuple[str, dict]] = []  # (path, query), in order
+        self.changed = threading.Condition()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def record(self, path: str, query: dict) -> None:
+        with self.changed:
+            self.calls.append((path, query))
+            self.changed.notify_all()
+
+    def called(self, path: str) -> list[dict]:
+        with self.changed:
+            return [query for called, query in self.calls if called == path]
+
+    def wait_for(self, predicate, timeout: float = 120) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), f"the device API saw {self.calls}"
+
+
+class DeviceAPIHandler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server's name
+        url = urlparse(self.path)
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        self.server.record(url.path, query)
+        body = b""
+        if url.path == "/schedule":
+            token = f"token-{len(self.server.called('/schedule'))}"
+            body = json.dumps({"idle": True, "nvidiaIndex": 0, "nvidiaUUID": "GPU-fake", "allowToken": token}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def hub_cache_copy(source: Path, hub: Path, name: str) -> Path:
+    """``source`` laid out as a Hub cache entry (files are links to blobs); returns its snapshot."""
+    snapshot = hub / f"models--test--{name}" / "snapshots" / "main"
+    blobs = hub / f"models--test--{name}" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.is_file():
+            shutil.copy(file, blobs / file.name)
+            (snapshot / file.name).symlink_to(blobs / file.name)
+    return snapshot
+
+
+@dataclass
+class Space:
+    url: str
+    api: DeviceAPI
+    pid: int  # the server's process (GPU tasks run in processes it forks)
+    blobs: list[Path]  # the weight files left in its Hub cache once it launched
+
+
+@contextmanager
+def zero_gpu_space(tmp: Path):
+    """The page served as on ZeroGPU."""
+    api = DeviceAPI()
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    hub = tmp / "hub"
+    model, vae = hub_cache_copy(TINY / "model", hub, "tiny"), hub_cache_copy(TINY / "vae", hub, "tiny-vae")
+    (tmp / "cgroup").write_text("0::/zerogpu-test\n")
+    env = dict(
+        os.environ, SPACES_ZERO_GPU="true", SPACES_ZERO_DEVICE_API_URL=api.url,
+        ZEROGPU_OFFLOAD_DIR=str(tmp / "offload"), ZEROGPU_MMAP_AUTOPRUNE_PATTERN=str(hub / "models--*/blobs/*"),
+        ZEROGPU_PROC_SELF_CGROUP_PATH=str(tmp / "cgroup"), GRADIO_CACHE_EXAMPLES="true",
+        GRADIO_EXAMPLES_CACHE=str(tmp / "examples"),
+    )
+    port = free_port()
+    # A session of its own, so that ending it ends the GPU workers spaces forked from it too.
+    server = subprocess.Popen([sys.executable, "-m", "tests.serving.zerogpu_space", str(model), str(vae), str(port)],
+                              cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up once spaces has reported the launch and the web server accepts connections
+            assert server.poll() is None, "the Space exited"
+            if api.called("/startup-report"):
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+            assert time.monotonic() < deadline, "the Space did not come up"
+            time.sleep(0.05)
+        yield Space(f"http://127.0.0.1:{port}/", api, server.pid, [*hub.glob("models--*/blobs/*.safetensors")])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        api.shutdown()
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    with zero_gpu_space(tmp_path_factory.mktemp("zerogpu")) as served:
+        yield served
+
+
+def distinct_previews(outputs: list[tuple]) -> set[bytes]:
+    """The different preview pictures a run streamed before its result."""
+    return {preview_pixels(preview).tobytes() for preview, gallery, *_ in outputs if preview is not None and not gallery}
+
+
+@pytest.mark.slow
+def test_launch_packs_the_weights_and_prunes_their_cache_files_and_runs_no_example(space):
+    api, blobs = space.api, space.blobs
+    # The weights were loaded without a host copy: spaces packed them from the files' own pages,
+    # then deleted the cache files behind them (the safetensors; the VAE's unused checkpoint.pt stays).
+    assert blobs == [], "spaces could not prune the weights' cache files: they were copied while loading"
+    assert api.called("/schedule") == [], "nothing runs on the GPU before a visitor asks (examples are lazy)"
+
+
+@pytest.mark.slow
+def test_generate_streams_frames_from_the_gpu_task_and_finishes_with_a_png(space, tiny_pipe):
+    url, api = space.url, space.api
+    released = len(api.called("/release"))
+    outputs = list(Client(url, verbose=False).submit(api_name="/generate", **GENERATE))
+    previews = distinct_previews(outputs)
+    assert len(previews) >= 3, "the preview should change several times before the final image"
+    assert any(isinstance(status, str) and status.startswith("Tokens") for _, _, status, *_ in outputs)
+    preview, gallery, status, shown, seed = outputs[-1]
+    [final] = [item["image"] for item in gallery]
+    assert Image.open(final).format == "PNG" and Image.open(final).size == (128, 64)
+    stored = read_parameters(final)
+    assert stored == shown and stored["prompt"] == "a red circle" and stored["seed"] == seed == 7
+    assert status.startswith("Done") and "tokens/s" in status
+    # spaces reserved the request's estimate (the served model is this one), and gave the GPU back.
+    request = tiny_pipe.engine.request("a red circle", size=(128, 64), num_sampling_steps=4, cfg=3.0, seed=7)
+    reserved = GpuTask([tiny_pipe], 0.0, off_zero_gpu).duration(0, request, "vae", 2)
+    assert api.called("/schedule")[-1]["durationSeconds"] == str(reserved)
+    api.wait_for(lambda: len(api.called("/release")) > released)
+    assert api.called("/release")[-1]["fail"] == "false"
+    assert {int(allowed["pid"]) for allowed in api.called("/allow")} - {space.pid}, "it ran in a forked worker"
+
+
+@pytest.mark.slow
+def test_edit_streams_frames_from_the_same_gpu_task(space):
+    url = space.url
+    inputs = dict(image=handle_file(str(INPUT_IMAGE)), prompt="Make it blue.", size="64x64", num_sampling_steps=4,
+                  seed=3, randomize_seed=False, preview_every=2)
+    outputs = list(Client(url, verbose=False).submit(api_name="/edit", **inputs))
+    previews = distinct_previews(outputs)
+    assert len(previews) >= 3
+    [final] = [item["image"] for item in outputs[-1][1]]
+    stored = read_parameters(final)
+    assert stored["edit"] is True and stored["prompt"] == "Make it blue." and stored["seed"] == 3
+    assert stored["negative_prompt"] == "Copy original image." and stored["cfg_img"] == 2.0
+    assert len({scheduled["taskId"] for scheduled in space.api.called("/schedule")}) == 1, "one GPU task for both tabs"
+
+
+@pytest.mark.slow
+def test_a_users_message_from_inside_the_gpu_task_reaches_the_page_whole(space):
+    url = space.url
+    with pytest.raises(AppError, match="positions"):  # found only once the prompt is tokenised, in the worker
+        Client(url, verbose=False).predict(**dict(GENERATE, prompt="x y " * 490), api_name="/generate")
+
+
+@pytest.mark.slow
+def test_stop_ends_the_gpu_task(space):
+    url, api = space.url, space.api
+    scheduled, released = len(api.called("/schedule")), len(api.called("/release"))
+    job = Client(url, verbose=False).submit(
+        api_name="/generate", **dict(GENERATE, size="256x256", num_sampling_steps=50, preview="fast"))
+    for _, _, status, *_ in job:  # until the GPU task shows progress
+        if isinstance(status, str) and status.startswith("Tokens"):
+            break
+    assert len(api.called("/schedule")) == scheduled + 1 and len(api.called("/release")) == released
+    job.cancel()
+    # Stop closes the page's stream; the GPU task ends at its next frame and its GPU is released.
+    api.wait_for(lambda: len(api.called("/release")) == released + 1, timeout=60)
+    assert api.called("/release")[-1]["fail"] == "false"
+    assert not got_result(job), "no final image after Stop"
+    # The worker is free again: the next request runs to its end.
+    assert Client(url, verbose=False).predict(**dict(GENERATE, preview="none"), api_name="/generate")[1]
