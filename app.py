@@ -22,8 +22,14 @@ from nextstep.loading.checkpoints import CheckpointMismatchError
 from nextstep.loading.hub import ModelNotFoundError
 from nextstep.loading.memory import NotEnoughMemoryError
 from nextstep.loading.options import RuntimeOptions, add_runtime_flags, runtime_options
-from nextstep.page.controls import LOG
-from nextstep.page.guard import CACHE_LIMIT, MB, CacheBound, PageLimits
+from nextstep.page.guard import (
+    CACHE_LIMIT,
+    LOG,
+    MB,
+    CacheBound,
+    PageLimits,
+    trusted_proxies_default,
+)
 from nextstep.page.layout import build_demo, launch
 from nextstep.serving.compose import Services, load_services, remote_services
 from nextstep.serving.zerogpu import on_zero_gpu
@@ -48,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-limit", type=int, default=int(env("NEXTSTEP_CACHE_MB", str(CACHE_LIMIT // MB))),
                         help="MB the page's cache (uploads and results, in GRADIO_TEMP_DIR) may hold; the oldest "
                              f"files go first [env NEXTSTEP_CACHE_MB; default {CACHE_LIMIT // MB}]")
+    parser.add_argument("--trusted-proxies", type=int, default=int(env("NEXTSTEP_TRUSTED_PROXIES",
+                                                                        str(trusted_proxies_default()))),
+                        help="proxies in front of this server whose X-Forwarded-For entries tell who a visitor is "
+                             "(the upload bounds are per visitor) [env NEXTSTEP_TRUSTED_PROXIES; default: 1 on a "
+                             "Hugging Face Space, else 0: the connection's own address]")
     parser.add_argument("--serve-url", default=env("NEXTSTEP_SERVE_URL"),
                         help="send requests to the Ray Serve application at this address (python -m "
                              "nextstep.serving.ray_app) instead of loading a model here; the model flags then "
@@ -82,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"app.py: error: {error}")
         except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
             sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
-    limits = PageLimits(cache=CacheBound(limit=args.cache_limit * MB))
-    launch(build_demo(services, limits), args.host, args.port, mcp_server=args.mcp)
+    limits = PageLimits(cache=CacheBound(limit=args.cache_limit * MB), trusted_proxies=args.trusted_proxies)
+    launch(build_demo(services, limits, mcp=args.mcp), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .engine.families import detect_family, get_family
 from .engine.prompts import load_tokenizer
 from .engine.settings import GenerationRequest, read_stored_settings
 from .loading.checkpoints import load_model, load_vae
-from .loading.hub import resolve_directory, vae_directory
+from .loading.hub import display_name, resolve_directory, vae_directory
 from .loading.memory import checkpoint_plan, loading_refusal
 from .models.model import NextStepModel
 from .models.quantize import check_quantization
@@ -111,7 +111,8 @@ class NextStepPipeline:
         chosen = chosen or get_family(detect_family(network.config))
         vae_dir = vae_directory(model_dir, vae, network.config.vae_name_or_path)
         autoencoder = load_vae(vae_dir, device, dtype, defaults=chosen.vae_defaults)
-        return cls(network, autoencoder, load_tokenizer(model_dir), name=str(model), family=chosen.name, directory=model_dir)
+        return cls(network, autoencoder, load_tokenizer(model_dir), name=display_name(model), family=chosen.name,
+                   directory=model_dir)
 
     def compile(self, cuda_graph: bool | None = None) -> None:
         """Compile the whole per-token step (backbone decode, every flow-head step, guidance,

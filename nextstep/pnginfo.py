@@ -84,8 +84,9 @@ def with_parameters(image: Image.Image, parameters: dict) -> Image.Image:
     return image
 
 
-def save_with_parameters(image: Image.Image, parameters: dict, path: str | Path) -> None:
-    """Write a PNG that carries its generation parameters in both chunks (as the page's do)."""
+def save_with_parameters(image: Image.Image, parameters: dict, path) -> None:
+    """Write a PNG that carries its generation parameters in both chunks (as the page's do) to
+    ``path`` (a file name, or a binary file)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(JSON_KEY, json.dumps(parameters, sort_keys=True))
     info.add_text(TEXT_KEY, to_text(parameters))

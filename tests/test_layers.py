@@ -26,8 +26,8 @@ RANKS = {
 CONFINED = {
     "gradio": {"page"}, "starlette": {"page"},
     "huggingface_hub": {"loading"}, "safetensors": {"loading"},
-    "ray": {"serving"}, "fastapi": {"serving"}, "pydantic": {"serving"}, "httpx": {"serving", "tools"},
-    "gradio_client": {"tools"},
+    "ray": {"serving"}, "fastapi": {"serving"}, "pydantic": {"serving", "page"}, "httpx": {"serving", "tools"},
+    "gradio_client": {"page", "tools"},
 }
 MODELS_MAY_IMPORT = {"torch", "transformers"}
 

@@ -47,6 +47,13 @@ def resolve_directory(
         ) from error
 
 
+def display_name(name_or_path: str | Path) -> str:
+    """How results and pages name a model: a Hub id as it is, a local directory by its folder name
+    alone (a server's paths are nobody else's business)."""
+    path = Path(name_or_path).expanduser()
+    return path.resolve().name if path.is_dir() else str(name_or_path)
+
+
 def vae_directory(model_dir: Path, requested: str | Path | None, configured: str | None) -> Path:
     """The VAE asked for; else the one the config names; else the ``vae/`` folder bundled with
     the model. A configured path that does not exist here (often a path on the machine the

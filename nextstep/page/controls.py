@@ -9,20 +9,20 @@ within the control's own range and choices; a refusal becomes one message naming
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
+import pydantic
+from gradio.exceptions import InvalidPathError
 
 from ..engine.inputs import data_url_bytes, number
 from ..engine.preview import PREVIEW_MODES
 from ..engine.sampling import CFG_SCHEDULES, SAMPLERS
 from ..engine.settings import MAX_DRAWN_SEED, read_boolean
 from ..engine.sizes import Size
-from .guard import MAX_FILE_SIZE, uploaded_file
+from .guard import LOG, MAX_FILE_SIZE, uploaded_file
 
-LOG = logging.getLogger("nextstep.page")  # refused input: one line each (app.py shows them)
 NOT_UPLOADED = ("The input image must be a file uploaded through this page or its API (gradio_client's "
                 "handle_file), or a picture sent inline as a base64 data: URL.")
 
@@ -127,6 +127,41 @@ class ImageUpload(gr.Image):
         if payload.path and uploaded_file(payload.path):
             return str(payload.path)
         raise refusal(NOT_UPLOADED)
+
+
+class Page(gr.Blocks):
+    """The page's Blocks: a call whose values cannot be read (too few of them, or a value of the
+    wrong shape for its control: an image given as text, a file that was not uploaded) gets one
+    message and one log line, as any refused input does, instead of a traceback and an empty error."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except (ValueError, TypeError, pydantic.ValidationError, InvalidPathError):
+            raise refusal(unreadable(block_fn, inputs)) from None
+
+
+def unreadable(block_fn, inputs: list) -> str:
+    """What is wrong with a call's values, naming the controls."""
+    labels = [getattr(block, "label", None) or type(block).__name__ for block in block_fn.inputs]
+    if len(inputs) < len(block_fn.inputs):
+        return (f"This call gave {len(inputs)} of the {len(labels)} values {block_fn.api_name or 'it'} takes: "
+                f"{', '.join(labels)}.")
+    for block, label, value in zip(block_fn.inputs, labels, inputs):
+        if isinstance(block, ImageUpload) and value is not None:
+            if not isinstance(value, dict) or not (value.get("path") or value.get("url")):
+                return NOT_UPLOADED
+            if not str(value.get("url") or "").startswith("data:") and not uploaded_file(value.get("path") or ""):
+                return NOT_UPLOADED
+        elif getattr(block, "data_model", None) is not None and value is not None:
+            try:
+                block.data_model.model_validate(value)
+            except pydantic.ValidationError:
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                return f"{label} could not be read from {shown}."
+    return "This call's values could not be read."
 
 
 # ---- the sampling controls: one table, keyed by request field -------------------------------

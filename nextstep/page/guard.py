@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+LOG = logging.getLogger("nextstep.page")  # refused input: one line each (app.py shows them)
 MB = 2**20
 MAX_FILE_SIZE = 20 * MB  # one uploaded file, or one image sent inline as a data: URL
 CACHE_LIMIT = 1024 * MB  # the page's cache (uploads and results) is held at or under this
@@ -131,20 +133,37 @@ class UploadLedger:
             self._entries.append((now, client, size))
             return None
 
+    def refund(self, client: str, size: int) -> None:
+        """Take back a charge whose upload was refused after all: it costs nothing."""
+        with self._lock:
+            for index in range(len(self._entries) - 1, -1, -1):
+                if self._entries[index][1:] == (client, size):
+                    del self._entries[index]
+                    return
 
-def client_address(forwarded_for: str | None, peer: str | None) -> str:
-    """Who sent a request: the first forwarded-for address a proxy (a Space's) put in front, else
-    the peer's. A client can forge the header; the total bound holds regardless."""
-    if forwarded_for:
-        return forwarded_for.split(",")[0].strip()
+
+def trusted_proxies_default() -> int:
+    """The proxies in front of this server whose X-Forwarded-For entries can be believed: on a
+    Hugging Face Space (``SPACE_ID`` is set there) its one proxy, elsewhere none unless told."""
+    return 1 if os.environ.get("SPACE_ID") else 0
+
+
+def client_address(forwarded_for: str | None, peer: str | None, trusted_proxies: int) -> str:
+    """Who sent a request. Each proxy appends the address it was reached from to X-Forwarded-For,
+    so with ``trusted_proxies`` proxies in front, the entry the farthest of them wrote is the
+    visitor's: entries left of it are whatever the visitor sent, and can be forged."""
+    entries = [entry.strip() for entry in (forwarded_for or "").split(",") if entry.strip()]
+    if trusted_proxies and entries:
+        return entries[-min(trusted_proxies, len(entries))]
     return peer or "unknown"
 
 
-def client_of(scope: Scope) -> str:
+def client_of(scope: Scope, trusted_proxies: int) -> str:
     """``client_address`` of an ASGI request."""
     forwarded = dict(scope.get("headers", [])).get(b"x-forwarded-for")
     client = scope.get("client")
-    return client_address(forwarded.decode("latin-1") if forwarded else None, client[0] if client else None)
+    return client_address(forwarded.decode("latin-1") if forwarded else None, client[0] if client else None,
+                          trusted_proxies)
 
 
 def uploaded_file(path: str) -> bool:
@@ -168,9 +187,8 @@ class PageGate:
     of an endpoint name the page does not offer gets a 404 that names the ones it does (Gradio
     answers a bare 500)."""
 
-    def __init__(self, app: ASGIApp, ledger: UploadLedger, offered: list[str],
-                 uploaded: Callable[[], None] = lambda: None):
-        self.app, self.ledger, self.offered, self.uploaded = app, ledger, offered, uploaded
+    def __init__(self, app: ASGIApp, limits: PageLimits, offered: list[str]):
+        self.app, self.limits, self.offered = app, limits, offered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -182,22 +200,52 @@ class PageGate:
             names = ", ".join(f"/{name}" for name in self.offered)
             message = f"There is no endpoint /{called[2]}; this app offers {names}."
             await JSONResponse({"error": message}, status_code=404)(scope, receive, send)
+        elif called:
+            await self._call(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A call of a named endpoint whose arguments Gradio cannot match to its parameters (one
+        missing, say) gets a message (422), not a bare 500 and a traceback."""
+        started = []
+
+        async def sending(message) -> None:
+            started.append(True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except (TypeError, ValueError) as error:
+            if started:
+                raise
+            message = f"The call could not be read: {error}"
+            LOG.info("refused: %s", message)
+            await JSONResponse({"error": message}, status_code=422)(scope, receive, send)
+
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = dict(scope["headers"]).get(b"content-length")
+        client = client_of(scope, self.limits.trusted_proxies)
         if length is None or not length.isdigit():
             refusal, status = "An upload must state its size (Content-Length).", 411
         else:
-            refusal, status = self.ledger.charge(client_of(scope), int(length)), 429
+            refusal, status = self.limits.uploads.charge(client, int(length)), 429
         if refusal is not None:
             await JSONResponse({"error": refusal}, status_code=status)(scope, receive, send)
             return
+        answered = []
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(message["status"])
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, sending)
         finally:
-            self.uploaded()
+            if not answered or answered[0] >= 400:  # refused (too large, say) or cut off: it costs nothing
+                self.limits.uploads.refund(client, int(length))
+            self.limits.cache.poke()
 
 
 # ---- readers -------------------------------------------------------------------------------------
@@ -236,11 +284,13 @@ class PageLimits:
     cache: CacheBound = field(default_factory=CacheBound)
     uploads: UploadLedger = field(default_factory=UploadLedger)
     reader_patience: float = READER_PATIENCE
+    # Proxies whose X-Forwarded-For entries are believed (``client_address``).
+    trusted_proxies: int = field(default_factory=trusted_proxies_default)
 
 
 def app_options(limits: PageLimits, offered: list[str]) -> dict:
     """``Blocks.launch``'s ``app_kwargs`` for a page under ``limits`` that offers the endpoints ``offered``."""
-    return dict(middleware=[Middleware(PageGate, ledger=limits.uploads, offered=offered, uploaded=limits.cache.poke)])
+    return dict(middleware=[Middleware(PageGate, limits=limits, offered=offered)])
 
 
 def charge_inline_image(image, request, limits: PageLimits) -> str | None:
@@ -250,4 +300,5 @@ def charge_inline_image(image, request, limits: PageLimits) -> str | None:
     if not isinstance(image, bytes):
         return None
     forwarded = request.headers.get("x-forwarded-for") if request.headers else None
-    return limits.uploads.charge(client_address(forwarded, request.client.host if request.client else None), len(image))
+    peer = request.client.host if request.client else None
+    return limits.uploads.charge(client_address(forwarded, peer, limits.trusted_proxies), len(image))

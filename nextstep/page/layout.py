@@ -9,7 +9,8 @@ import gradio as gr
 from ..serving.compose import Services
 from ..serving.examples import load_examples
 from ..serving.service import Service
-from .controls import ImageUpload, TabContext, sampling_controls
+from .agents import mcp_lifespan, wire_tools
+from .controls import ImageUpload, Page, TabContext, sampling_controls
 from .guard import MAX_FILE_SIZE, PageLimits, app_options
 from .reuse import edit_chain_panel, history_panel, wire_edit_chain, wire_history
 from .runs import (
@@ -20,14 +21,19 @@ from .runs import (
     result_panel,
     run_buttons,
     wire_runs,
-    wire_tools,
 )
 
 TITLE = "NextStep Studio"
 HEADER = ("# NextStep Studio\n"
           "NextStep-1 paints an image one token at a time: watch the preview fill in, row by row.")
-# Small images fill the preview box, with crisp pixels rather than a blur.
-CSS = ".live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+CSS = (
+    # Small images fill the preview box, with crisp pixels rather than a blur.
+    ".live-preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }\n"
+    # The status line says how a run ended itself ("Stopped.", "Failed: …"; a failure also pops up a
+    # message). Gradio's badge on it would only add a false "Error": cancelling a run (Stop) marks it
+    # failed in the browser for a moment before it is marked complete.
+    ".run-status .error { display: none; }"
+)
 EXAMPLES_PER_PAGE = 6
 
 
@@ -117,12 +123,14 @@ def model_panel(services: Services) -> None:
         gr.Markdown("\n".join(lines), elem_id="model-panel")
 
 
-def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Blocks:
-    """The page; ``launch`` serves it under ``limits`` (the default bounds without)."""
+def build_demo(services: Services, limits: PageLimits | None = None, mcp: bool = False) -> gr.Blocks:
+    """The page; ``launch`` serves it under ``limits`` (the default bounds without). ``mcp``: also
+    the tools for agents, served by Gradio's MCP server (off, they are a second way in that a demo
+    seldom needs)."""
     limits = limits or PageLimits()
     available = services.editor is not None
     book = RunBook()
-    with gr.Blocks(title=TITLE, delete_cache=(1800, 3600)) as demo:
+    with Page(title=TITLE, delete_cache=(1800, 3600)) as demo:
         gr.Markdown(HEADER)
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
@@ -135,11 +143,12 @@ def build_demo(services: Services, limits: PageLimits | None = None) -> gr.Block
         examples_panels(services, generate, edit, generate_examples, edit_examples)
         generation = wire_runs(demo, generate, services.generator, book, limits, services.in_flight)
         editing = wire_runs(demo, edit, services.editor, book, limits, services.in_flight)
-        wire_tools(demo, generate, edit, services.generator, services.editor, limits)
+        if mcp:
+            wire_tools(demo, generate, edit, services.generator, services.editor, limits)
         wire_history(history, generate, edit, tabs, generation, editing, undo_stack)
         wire_edit_chain(chain, generate, edit, tabs, send_to_edit, editing, undo_stack)
     demo.queue(max_size=services.waiting)
-    demo.page_limits = limits
+    demo.page_limits, demo.mcp_tools = limits, mcp
     return demo
 
 
@@ -148,5 +157,11 @@ def launch(demo: gr.Blocks, host: str, port: int, **options):
     uploads per client and in total, a message for an unknown endpoint); returns what
     ``Blocks.launch`` does."""
     offered = [fn.api_name for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"]
+    app_kwargs = app_options(demo.page_limits, offered)
+    if demo.mcp_tools:
+        app_kwargs["lifespan"] = mcp_lifespan(demo)
+    # Gradio's own run log (the footer's "Runs") is off: the page keeps its own history of results
+    # with their parameters, and that log records a streaming run's frames as it sees them, a
+    # stopped run as completed and each live preview (sent inside the stream) as a broken picture.
     return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, css=CSS,
-                       app_kwargs=app_options(demo.page_limits, offered), **options)
+                       mcp_server=demo.mcp_tools, app_kwargs=app_kwargs, run_history=False, **options)

@@ -13,18 +13,23 @@ import base64
 import contextlib
 import io
 import math
+import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import ImageData
+from gradio.processing_utils import hash_bytes
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from ..engine.inputs import clean_text
-from ..engine.settings import MAX_DRAWN_SEED, SETTINGS
+from ..engine.settings import MAX_DRAWN_SEED
 from ..engine.sizes import Size
-from ..pnginfo import read_parameters, with_parameters
+from ..pnginfo import save_with_parameters
 from ..serving.service import Busy, GenerationFailed, Order, Progress, Service, Ticket
 from .controls import LOG, TabControls, refusal
 from .guard import PageLimits, ReaderWatch, charge_inline_image
@@ -47,6 +52,27 @@ def status_line(frame: Progress) -> str:
     eta_text = clock(eta) if math.isfinite(eta) else "…"
     return (f"Tokens {frame.done}/{frame.total} · {frame.rate:.1f} tokens/s · "
             f"elapsed {clock(frame.elapsed)} · ETA {eta_text}")
+
+
+def result_files(images: list[Image.Image], parameters: dict) -> list[str]:
+    """Each picture as a PNG (both parameter chunks) in the page's cache folder, where Gradio keeps
+    a served file: under a folder named by its content, written once under a temporary name and
+    moved into place. Handed PIL pictures, Gradio would truncate and rewrite that file for every
+    identical result (a shared example, a reused seed) while another visitor may be downloading it;
+    handed a file already in place, it serves it as it is."""
+    paths = []
+    for image in images:
+        buffer = io.BytesIO()
+        save_with_parameters(image, parameters, buffer)
+        data = buffer.getvalue()
+        path = Path(get_upload_folder()) / hash_bytes(data) / "image.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{uuid.uuid4().hex}.png")
+            partial.write_bytes(data)
+            os.replace(partial, path)
+        paths.append(str(path))
+    return paths
 
 
 def tile(images: list[Image.Image]) -> Image.Image:
@@ -97,7 +123,7 @@ class Results:
 def result_panel(prefix: str) -> Results:
     preview = LivePreview(label="Live preview", interactive=False, height=360, elem_id=f"{prefix}-preview",
                           elem_classes=["live-preview"])
-    status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status")
+    status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status", elem_classes=["run-status"])
     gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False,
                          height=240, object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
     with gr.Accordion("Parameters of these results", open=False):
@@ -146,10 +172,12 @@ def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.B
 
 @dataclass
 class RunRecord:
-    """How one run of a tab ended: "running" until it is "done", "failed" or "stopped"."""
+    """How one run of a tab ended: "running" until it is "done", "failed" (with the message the
+    visitor was shown), "stopped" or "dropped"."""
 
     outcome: str = "running"
     ticket: Ticket | None = None  # once submitted
+    message: str = ""
 
 
 class RunBook:
@@ -174,10 +202,12 @@ class RunBook:
 
 def after_run(book: RunBook, tab: str) -> Callable:
     """The follow-up listener of a tab's runs: "Stopped." once a stopped request has left the
-    model, else nothing."""
+    model, the message of a failed one, else nothing."""
 
     async def status_after(request: gr.Request):
         record = book.pop((request.session_hash, tab))
+        if record is not None and record.outcome == "failed":
+            return f"Failed: {record.message}" if record.message else "Failed."
         if record is None or record.outcome != "stopped":
             return gr.skip()
         if record.ticket is not None:
@@ -225,9 +255,10 @@ async def stream_to_page(service: Service, record: RunRecord, prompt: str, image
         async with contextlib.aclosing(service.frames(ticket)) as frames:
             async for frame in frames:
                 if frame.result is not None:
-                    images = frame.result.images
+                    result = frame.result
                     record.outcome = "done"
-                    yield tile(images), images, status_line(frame), frame.result.parameters, ticket.seed
+                    yield (tile(result.images), result_files(result.images, result.parameters), status_line(frame),
+                           result.parameters, ticket.seed)
                 else:
                     shown_preview = tile(frame.preview) if frame.preview else shown_preview
                     yield shown_preview, None, status_line(frame), None, ticket.seed
@@ -235,7 +266,7 @@ async def stream_to_page(service: Service, record: RunRecord, prompt: str, image
             record.outcome = "dropped"
             LOG.info("dropped: nobody read the request's frames for %g s", reader.patience)
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
-        record.outcome = "failed"
+        record.outcome, record.message = "failed", str(error)
         raise refusal(str(error)) from None
     except (asyncio.CancelledError, GeneratorExit):  # Stop, or the page went away
         record.outcome = "stopped"
@@ -259,36 +290,17 @@ async def last_frame(service: Service, prompt: str, image, **settings) -> tuple:
     return frame
 
 
-async def final_image_of(service: Service, prompt: str, image, settings: dict, reader: ReaderWatch | None = None):
-    """The finished picture of one request (several images side by side), carrying its parameters."""
-    _, images, *_ = await last_frame(service, prompt, image, reader=reader, **settings)
-    if not images:  # dropped, nobody reading
+async def final_image_of(service: Service, prompt: str, image, settings: dict,
+                         reader: ReaderWatch | None = None) -> tuple[str, dict]:
+    """The finished picture of one request as a PNG file (several images side by side), and its
+    parameters."""
+    _, files, _, parameters, _ = await last_frame(service, prompt, image, reader=reader, **settings)
+    if not files:  # dropped, nobody reading
         raise refusal("The request was dropped: nobody read its result.")
+    if len(files) == 1:
+        return files[0], parameters
     # One request's images share its parameters: a sheet of several carries them too.
-    return images[0] if len(images) == 1 else with_parameters(tile(images), read_parameters(images[0]))
-
-
-# ---- the same requests for agents (MCP) -------------------------------------------------------------
-
-# What the tools' parameters mean, for agents (MCP lists these; the sliders add their ranges).
-PAGE_PARAMETERS = {
-    "prompt": "what the image should show, or for an edit what to change",
-    "image": "the picture to edit (a file)",
-    "randomize_seed": "draw a fresh seed (true) or use the given seed (false)",
-}
-
-
-def tool_description(summary: str, names: list[str]) -> str:
-    """A docstring in the layout Gradio reads tool and parameter descriptions from."""
-    lines = [f"    {name}: {PAGE_PARAMETERS.get(name) or SETTINGS[name].help}" for name in names]
-    return summary + "\n\nArgs:\n" + "\n".join(lines)
-
-
-def hidden_from_mcp(handler: Callable) -> None:
-    """Gradio offers every public endpoint as an MCP tool unless its function is marked as
-    something else (the attribute its ``gr.mcp`` decorators set). The page's streaming handlers
-    answer with frames an agent cannot use; ``generate_image`` and ``edit_image`` serve agents."""
-    handler._mcp_type = "page"
+    return result_files([tile([Image.open(path) for path in files])], parameters)[0], parameters
 
 
 # ---- wiring a tab's runs --------------------------------------------------------------------------
@@ -348,6 +360,13 @@ def run_handler(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBoo
     return edit
 
 
+def hidden_from_mcp(handler: Callable) -> None:
+    """Gradio offers every public endpoint as an MCP tool unless its function is marked as
+    something else (the attribute its ``gr.mcp`` decorators set). The page's streaming handlers
+    answer with frames an agent cannot use; ``generate_image`` and ``edit_image`` serve agents."""
+    handler._mcp_type = "page"
+
+
 def wire_runs(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBook, limits: PageLimits,
               in_flight: int):
     """A tab's run event (its button and Enter in its prompt, ``/generate`` or ``/edit`` in the
@@ -356,36 +375,8 @@ def wire_runs(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBook,
     hidden_from_mcp(handler)
     event = gr.on([tab.run.click, tab.prompt.submit], handler, [], tab.results.outputs(tab.seed),
                   inputs_kwargs=tab.inputs(), api_name=tab.name, concurrency_id=MODEL_QUEUE,
-                  concurrency_limit=in_flight, show_progress="minimal", show_progress_on=[tab.results.status])
+                  concurrency_limit=in_flight, show_progress="minimal",
+                  show_progress_on=[tab.results.status])
     tab.stop.click(None, None, None, cancels=[event], queue=False, api_visibility="private")
     event.then(after_run(book, tab.name), None, tab.results.status, queue=False, api_visibility="private")
     return event
-
-
-def wire_tools(demo: gr.Blocks, generate: Tab, edit: Tab, generator: Service, editor: Service | None,
-               limits: PageLimits) -> None:
-    """For agents (MCP, and API clients that want one answer): ``/generate_image`` and
-    ``/edit_image``, the same requests as the tabs', answering with the final image only."""
-
-    def reader_of(request: gr.Request) -> ReaderWatch:
-        return ReaderWatch(demo, request.session_hash, limits.reader_patience)
-
-    async def generate_image(prompt, request: gr.Request, **settings):
-        return await final_image_of(generator, prompt, None, settings, reader_of(request))
-
-    async def edit_image(image, prompt, request: gr.Request, **settings):
-        if editor is None:
-            raise refusal(NO_EDIT_MODEL)
-        image = input_image(image, request, limits, "Give an input image to edit.")
-        return await final_image_of(editor, prompt, image, settings, reader_of(request))
-
-    generate_image.__doc__ = tool_description("Generate an image from a text prompt with NextStep-1.",
-                                              ["prompt", *generate.controls.settings, "randomize_seed"])
-    edit_image.__doc__ = tool_description("Edit an image by an instruction with NextStep-1.",
-                                          ["image", "prompt", *edit.controls.settings, "randomize_seed"])
-    final_image = gr.Image(visible=False, format="png")
-    for tab, tool in ((generate, generate_image), (edit, edit_image)):
-        image = {"image": tab.image} if tab.image is not None else {}
-        gr.on([], tool, [], final_image, api_name=tool.__name__, concurrency_id=MODEL_QUEUE,
-              inputs_kwargs=dict(**image, prompt=tab.prompt, **tab.controls.settings,
-                                 randomize_seed=tab.controls.randomize_seed))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..loading.devices import set_threads
+from ..loading.hub import display_name
 from ..loading.memory import MemoryPlan, checkpoint_plan, combine
 from ..loading.options import RuntimeOptions
 from ..pipeline import NextStepPipeline
@@ -80,7 +81,8 @@ def load_services(options: RuntimeOptions, *, frame_interval: float = FRAME_INTE
     editor = served[1] if len(served) > 1 else (generator if pipes[0].supports_images else None)
     edit_model = placed[-1][0]
     examples = {"text_to_image": examples_for(options.model), "edit": examples_for(edit_model)}
-    return Services(generator, editor, options.vae, examples, max_batch, max_waiting)
+    vae = display_name(options.vae) if options.vae else None
+    return Services(generator, editor, vae, examples, max_batch, max_waiting)
 
 
 def remote_services(url: str) -> Services:

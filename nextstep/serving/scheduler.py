@@ -135,8 +135,11 @@ class SchedulerTicket:
                 self._check_alive()
                 wake.clear()
                 if self._events.empty():  # nothing arrived since the look above
+                    # Not asyncio.wait_for: on Python 3.11 it returns the inner wait's result when a
+                    # cancellation (Stop) lands in the same step as a frame, and the Stop is lost.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), _POLL_SECONDS)
+                        async with asyncio.timeout(_POLL_SECONDS):
+                            await wake.wait()
                 continue
             if (event := self._event_of(item)) is None:
                 return

@@ -29,6 +29,23 @@ WATCH_PREVIEW = """prefix => {
     }).observe(panel, {subtree: true, childList: true, attributes: true, attributeFilter: ["src"]});
 }"""
 
+# Records every "Error" badge that becomes visible on a tab's results (a real failure shows a
+# message instead: the status line and a toast).
+WATCH_ERRORS = """prefix => {
+    window.errorsShown = 0;
+    const results = document.querySelector(`#${prefix}-status`).closest(".column") || document.body;
+    new MutationObserver(records => {
+        for (const record of records) for (const node of record.addedNodes) {
+            if (node.nodeType !== 1) continue;
+            for (const badge of [node, ...node.querySelectorAll(".error")]) {
+                const style = getComputedStyle(badge);
+                const shown = style.display !== "none" && style.visibility !== "hidden" && badge.getClientRects().length;
+                if (badge.classList && badge.classList.contains("error") && shown) window.errorsShown += 1;
+            }
+        }
+    }).observe(results, {subtree: true, childList: true});
+}"""
+
 VIEWPORT = {"width": 1280, "height": 1000}
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -156,11 +173,13 @@ def test_stop_ends_a_generation(held_page, tmp_path):
     page.wait_for_function("document.querySelector('#generate-status').innerText.startsWith('Tokens')",
                            timeout=60_000)
     assert running.is_set() and services.generator.busy
+    page.evaluate(WATCH_ERRORS, "generate")
     page.click("#generate-stop")
     # The terminal state: written once the cancelled request has left the model.
     page.wait_for_function("document.querySelector('#generate-status').innerText.trim() === 'Stopped.'",
                            timeout=30_000)
     assert not services.generator.busy, "the model is free when Stopped shows"
+    assert page.evaluate("window.errorsShown") == 0, "no Error badge on the way to Stopped."
     page.screenshot(path=tmp_path / "stopped.png")
     # A run of the other tab goes through the same connection after anything the stopped one
     # sent: once it is done, a late frame of the stopped run would have landed already.

@@ -238,8 +238,13 @@ def raw_call(url: str, api: str, **body) -> tuple[str, object]:
     """``POST /gradio_api/call/v2/<api>`` with ``body`` exactly as given (a client library would
     upload files first and mark them), then the stream's closing (event, data)."""
     event_id = httpx.post(f"{url}gradio_api/call/v2/{api}", json=body, timeout=60).json()["event_id"]
+    return raw_events(url, f"call/v2/{api}", event_id)
+
+
+def raw_events(url: str, call: str, event_id: str) -> tuple[str, object]:
+    """The closing (event, data) of a call's stream."""
     event = None
-    with httpx.stream("GET", f"{url}gradio_api/call/v2/{api}/{event_id}", timeout=120) as answer:
+    with httpx.stream("GET", f"{url}gradio_api/{call}/{event_id}", timeout=120) as answer:
         for line in answer.iter_lines():
             if line.startswith("event: "):
                 event = line.removeprefix("event: ")
@@ -283,7 +288,7 @@ def test_an_image_payload_naming_a_server_file_is_refused_with_one_message(clien
         assert event == "error", f"{name}: the request must be refused"
         messages.add(str(data))
     assert len(messages) == 1, f"one message whatever exists on the server: {messages}"
-    assert "uploaded through this page" in messages.pop() or payload == "marked as uploaded"
+    assert "uploaded through this page" in messages.pop()
     assert not [name for name in opened if "screenshot" in name or name.startswith(str(ROOT))], "nothing opened"
     still_serves(client)
 
@@ -313,3 +318,35 @@ def test_inline_pictures_are_edited_and_count_against_the_upload_budget():
         assert raw_call(url, "edit", image={"url": big}, **EDIT)[0] == "complete"
         event, data = raw_call(url, "edit", image={"url": big}, **EDIT)
         assert event == "error" and "Too many uploads" in str(data)
+
+
+MALFORMED = {  # (endpoint, route, body, the message's start)
+    "no arguments": ("generate", "call/v2", {}, "The call could not be read: No value provided for required argument: prompt"),
+    "no values": ("generate", "call", {"data": []}, "This call gave 0 of the 15 values generate takes: Prompt, "),
+    "one value": ("generate", "call", {"data": ["a red circle"]}, "This call gave 1 of the 15 values generate takes"),
+    "image as text": ("edit", "call/v2", dict(EDIT, image="abc"), "The input image must be a file uploaded"),
+    "image as a number": ("edit", "call/v2", dict(EDIT, image=5), "The input image must be a file uploaded"),
+    "image as a list": ("edit", "call/v2", dict(EDIT, image=[1, 2]), "The input image must be a file uploaded"),
+    "image as a web address": ("edit", "call/v2", dict(EDIT, image={"url": "http://127.0.0.1:9/x.png"}),
+                               "The input image must be a file uploaded"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_call_gets_a_message_and_one_log_line(client, case, capfd, caplog):
+    api, route, body, message = MALFORMED[case]
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="nextstep.page"):
+        answer = httpx.post(f"{client.src}gradio_api/{route}/{api}", json=body, timeout=60)
+        if answer.status_code == 200:
+            event, data = raw_events(client.src, f"{route}/{api}", answer.json()["event_id"])
+            assert event == "error"
+            shown = data["error"]
+        else:
+            assert answer.status_code == 422
+            shown = answer.json()["error"]
+    assert shown and shown.startswith(message)
+    lines = [record.getMessage() for record in caplog.records if record.name == "nextstep.page"]
+    assert lines == [f"refused: {shown}"]
+    assert "Traceback" not in capfd.readouterr().err
+    still_serves(client)

@@ -3,8 +3,12 @@ messages, concurrent requests, Stop."""
 
 from __future__ import annotations
 
+import io
+import os
+import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -173,3 +177,36 @@ def test_without_an_edit_model_the_edit_tab_explains():
         with pytest.raises(AppError, match="--edit-model"):
             page.predict(image=handle_file(str(INPUT_IMAGE)), prompt="Make it blue.", api_name="/edit")
         assert "No edit-capable model" in str(page.config)
+
+
+@pytest.mark.slow
+def test_identical_results_never_rewrite_a_file_being_downloaded(served):
+    """Four readers download one result again and again while identical ones (the same seed) are
+    made: the file is never written over, and every body arrives whole."""
+    url, _ = served
+    quick = dict(GENERATE, preview="none")
+    client = Client(url, verbose=False, download_files=False)
+    [first] = client.predict(**quick, api_name="/generate")[1]
+    path, address = first["image"]["path"], first["image"]["url"]
+    before = os.stat(path)
+    bodies, done = [], threading.Event()
+
+    def download() -> None:
+        while not done.is_set():
+            answer = httpx.get(address, timeout=60)
+            bodies.append((int(answer.headers["content-length"]), answer.content))
+
+    readers = [threading.Thread(target=download) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    try:
+        for _ in range(3):
+            assert client.predict(**quick, api_name="/generate")[1]
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join()
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert bodies and all(len(body) == length for length, body in bodies)
+    assert all(Image.open(io.BytesIO(body)).size == (128, 64) for _, body in bodies)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from nextstep.page.guard import CacheBound, PageLimits, UploadLedger
+from nextstep.page.guard import MAX_FILE_SIZE, MB, CacheBound, PageLimits, UploadLedger
 
 from ..pages import (
     GENERATE,
@@ -50,7 +50,7 @@ def test_a_waiting_requests_stop_and_then_a_running_ones_each_return_within_a_se
 
 def test_a_burst_of_uploads_beyond_the_bound_is_refused_and_others_still_upload(tmp_path):
     ledger = UploadLedger(per_client=1_000_000, total=1_500_000, window=3600)
-    limits = PageLimits(cache=CacheBound(folder=tmp_path), uploads=ledger)
+    limits = PageLimits(cache=CacheBound(folder=tmp_path), uploads=ledger, trusted_proxies=1)  # as on a Space
     with launched(tiny_services(), limits) as url:
         def upload(index: int, client: str = "203.0.113.7") -> httpx.Response:
             return httpx.post(f"{url}gradio_api/upload", files={"files": (f"{index}.bin", b"x" * 300_000)},
@@ -63,6 +63,34 @@ def test_a_burst_of_uploads_beyond_the_bound_is_refused_and_others_still_upload(
         everyone = upload(5, client="192.0.2.1")
         assert everyone.status_code == 429 and "too many uploads right now" in everyone.json()["error"]
         assert final_images(Client(url, verbose=False).predict(**QUICK, api_name="/generate"))
+
+
+@pytest.mark.parametrize("trusted", [0, 1])
+def test_forged_forwarding_headers_do_not_multiply_a_visitors_budget(tmp_path, monkeypatch, trusted):
+    """Behind one trusted proxy a visitor is the entry that proxy appended, whatever the visitor
+    wrote before it; with none trusted, the header is not read at all."""
+    # The web server itself believes the header from a proxy on this machine (uvicorn's default):
+    # here the connection stands for a visitor's or a Space proxy's, from elsewhere.
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "")
+    ledger = UploadLedger(per_client=1_000_000, total=100_000_000, window=3600)
+    limits = PageLimits(cache=CacheBound(folder=tmp_path), uploads=ledger, trusted_proxies=trusted)
+    with launched(tiny_services(), limits) as url:
+        def upload(index: int) -> int:
+            forged = f"10.0.0.{index}, 203.0.113.7" if trusted else f"10.0.0.{index}"
+            return httpx.post(f"{url}gradio_api/upload", files={"files": (f"{index}.bin", b"x" * 300_000)},
+                              headers={"X-Forwarded-For": forged}).status_code
+
+        assert [upload(index) for index in range(5)] == [200, 200, 200, 429, 429]
+
+
+def test_a_refused_upload_costs_nothing(tmp_path):
+    ledger = UploadLedger(per_client=30 * MB, total=100 * MB, window=3600)
+    with launched(tiny_services(), PageLimits(cache=CacheBound(folder=tmp_path), uploads=ledger)) as url:
+        too_big = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.bin", b"x" * (MAX_FILE_SIZE + MB))})
+        assert too_big.status_code == 413
+        statuses = [httpx.post(f"{url}gradio_api/upload", files={"files": (f"{i}.bin", b"x" * MB)}).status_code
+                    for i in range(25)]
+        assert statuses == [200] * 25, "the refused 21 MB were not counted against the 30 MB"
 
 
 def test_after_many_requests_the_cache_holds_at_most_its_bound_and_never_a_preview(tmp_path, monkeypatch):
@@ -108,5 +136,10 @@ def test_an_unknown_endpoint_gets_a_message_naming_the_real_ones(url, path):
     answer = httpx.post(url + path, json={"data": []})
     assert answer.status_code == 404
     name = path.rsplit("/", 1)[1]
-    assert answer.json() == {"error": f"There is no endpoint /{name}; this app offers /generate, /edit, "
-                                      "/generate_image, /edit_image."}
+    assert answer.json() == {"error": f"There is no endpoint /{name}; this app offers /generate, /edit."}
+
+
+def test_gradios_run_log_is_off(url):
+    """The page keeps its own history; Gradio's run log would show stopped runs as completed."""
+    assert httpx.get(url + "gradio_api/runs").status_code == 404
+    assert httpx.get(url + "config").json()["run_history"] is False

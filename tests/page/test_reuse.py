@@ -4,8 +4,11 @@ MCP tools for agents."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 
+import httpx
 import pytest
 from gradio_client import Client
 from mcp import ClientSession
@@ -30,9 +33,9 @@ QUICK = dict(GENERATE, size="64x64", num_sampling_steps=2, preview="none", negat
 
 @pytest.fixture(scope="module")
 def server():
-    """The app with its MCP server on."""
-    demo = build_demo(tiny_services())
-    _, url, _ = launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True, mcp_server=True)
+    """The app with its MCP server on (``--mcp``)."""
+    demo = build_demo(tiny_services(), mcp=True)
+    _, url, _ = launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield url
     finally:
@@ -103,9 +106,45 @@ def test_the_mcp_server_lists_the_two_tools_and_a_call_returns_an_image(server):
     assert {"prompt", "size", "num_sampling_steps", "cfg", "seed", "randomize_seed"} <= set(generate)
     assert "what the image should show" in generate["prompt"]["description"]
     assert {"image", "prompt", "cfg_img"} <= set(tools["edit_image"].inputSchema["properties"])
+    for tool in tools.values():
+        described = {name: p.get("description") for name, p in tool.inputSchema["properties"].items()}
+        assert all(described.values()), f"{tool.name}: parameters without a description: {described}"
+        assert "upload" not in tool.description, "no upload tool is offered"
+    image = tools["edit_image"].inputSchema["properties"]["image"]
+    assert image["type"] == "string" and "data: URL" in image["description"] and "http" not in str(image)
 
     arguments = dict(prompt="a red circle", size="64x64", num_sampling_steps=2, seed=3, randomize_seed=False)
     result = asyncio.run(mcp_session(server, lambda s: s.call_tool("generate_image", arguments)))
     assert not result.isError
     images = [content for content in result.content if content.type == "image"]
     assert len(images) == 1 and images[0].mimeType == "image/png"
+    png = Image.open(io.BytesIO(base64.b64decode(images[0].data)))
+    assert json.loads(png.info[JSON_KEY])["seed"] == 3 and png.info[TEXT_KEY], "the image carries both chunks"
+    [text] = [content.text for content in result.content if content.type == "text"]
+    assert json.loads(text) == json.loads(png.info[JSON_KEY]), "and its parameters come as JSON beside it"
+    assert "/" not in json.loads(text)["model"] and "/tmp" not in text and "file=" not in text
+
+
+@pytest.mark.slow
+def test_an_mcp_edit_takes_a_data_url_and_refuses_a_web_address(server):
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), "orange").save(picture, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    arguments = dict(prompt="make it blue", size="64x64", num_sampling_steps=2, seed=3, randomize_seed=False)
+    result = asyncio.run(mcp_session(server, lambda s: s.call_tool("edit_image", dict(arguments, image=url))))
+    assert not result.isError and [content for content in result.content if content.type == "image"]
+    result = asyncio.run(mcp_session(server, lambda s: s.call_tool(
+        "edit_image", dict(arguments, image="http://127.0.0.1:9/picture.png"))))
+    assert result.isError and "data: URL" in str(result.content)
+
+
+@pytest.mark.slow
+def test_without_mcp_there_are_no_tools():
+    demo = build_demo(tiny_services())
+    _, url, _ = launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        endpoints = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert set(endpoints) == {"/generate", "/edit"}
+        assert httpx.get(url + "gradio_api/mcp/schema").status_code == 404
+    finally:
+        demo.close()

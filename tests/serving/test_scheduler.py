@@ -1,6 +1,7 @@
 """The scheduler: batching concurrent requests without changing them, cancelling one of many,
 a bounded line, time limits and out-of-memory errors that fail one request only."""
 
+import asyncio
 import math
 import threading
 import time
@@ -8,7 +9,9 @@ import time
 import pytest
 import torch
 
-from nextstep.serving.scheduler import Busy, GenerationFailed, Scheduler
+from nextstep.engine.core import StreamEvent
+from nextstep.serving.scheduler import Scheduler, SchedulerTicket
+from nextstep.serving.service import Busy, GenerationFailed
 
 from ..conftest import images_as_array
 
@@ -267,3 +270,29 @@ def test_a_neighbours_exact_previews_every_token_run_beside_the_shared_token_loo
     scheduler._previews.wait_idle(30)
     assert seen == [1, 2], "after the request holding the worker, the two shared one token loop"
     assert threads and set(threads) == {"nextstep-previews"}
+
+
+def test_a_stop_that_lands_with_a_frame_is_never_lost(tiny_pipe):
+    """The reader is waiting; in one turn of the event loop a frame arrives and the reader is
+    cancelled (a page's Stop). The reader ends cancelled, the frame unread."""
+    ticket = SchedulerTicket(tiny_pipe.engine.request("a red circle", size=(64, 64)), "none", 8, 600.0)
+    received = []
+
+    async def read() -> None:
+        async for event in ticket:
+            received.append(event)
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0)  # one turn of the loop: the reader runs to its wait, with nothing in line
+        # The frame's wake-up first, the cancellation right behind it, as a Stop that lands with a frame.
+        loop.call_soon(lambda: (ticket.progress(StreamEvent(1, 16)), loop.call_soon(reader.cancel)))
+        finished, _ = await asyncio.wait({reader}, timeout=30)  # a bound for the failure only: a lost Stop waits on
+        if not finished:
+            reader.cancel()
+            return False
+        return reader.cancelled()
+
+    assert asyncio.run(scenario()), "the reader went on after its Stop"
+    assert received == []
