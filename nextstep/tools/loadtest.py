@@ -1,10 +1,13 @@
 """``python -m nextstep.tools.loadtest``: drive a running NextStep Studio app with concurrent clients.
 
 Each of ``--clients`` threads opens its own ``gradio_client`` connection and sends
-``--requests`` generations one after another through the ``/generate`` endpoint; the run
-reports images per second, p50/p95 latency and failed requests (a result that is not the
-request's own, by the seed and prompt it carries, counts as failed). It only talks to this machine
-(loopback addresses) and stops sending after ``--time-limit`` seconds.
+``--requests`` requests one after another: generations through ``/generate``, and with
+``--edits F`` that share of them edits through ``/edit`` of a picture made for each and uploaded
+with it; ``--varied`` draws each request's settings at random within what the page offers (its
+sizes and samplers as the app's API lists them). The run reports images per second, p50/p95
+latency and failed requests (a result that is not the request's own, by the seed and prompt it
+carries, counts as failed). It only talks to this machine (loopback addresses) and stops sending
+after ``--time-limit`` seconds.
 """
 
 from __future__ import annotations
@@ -12,14 +15,20 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from PIL import Image, ImageDraw
 
+EDITS = ["make the circle blue", "paint the background white", "make the circle green"]
 PROMPTS = [
     "a red circle on a blue background",
     "a large green square in the top left corner",
@@ -38,28 +47,78 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"refusing to load-test {url!r}: only loopback addresses (127.0.0.1, localhost, ::1)")
 
 
-def client_loop(client: Client, index: int, requests: int, deadline: float, settings: dict, record: list, lock) -> None:
-    for n in range(requests):
-        if time.monotonic() > deadline:
-            return
-        prompt = PROMPTS[(index + n) % len(PROMPTS)]
-        start = time.monotonic()
-        try:
-            seed = 1000 * index + n
+@dataclass(frozen=True)
+class Mix:
+    """What the clients send besides plain generations."""
+
+    edits: float = 0.0  # the share of requests that are edits, each of a picture uploaded with it
+    varied: bool = False  # each request's settings drawn within what the page offers
+
+
+def offered(client: Client) -> dict[str, list]:
+    """The choices the page lists for ``/generate`` (sizes, samplers, schedules, preview modes)."""
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    return {p["parameter_name"]: p["type"]["enum"] for p in info if "enum" in p["type"]}
+
+
+def varied_settings(rng: random.Random, choices: dict[str, list]) -> dict:
+    """Settings within the page's ranges, the costly ones kept moderate so a soak goes on."""
+    return dict(size=rng.choice(choices["size"]), num_images=rng.choice([1, 1, 2]),
+                num_sampling_steps=rng.randint(4, 30), cfg=round(rng.uniform(1.0, 6.0), 1),
+                timesteps_shift=round(rng.uniform(0.5, 3.0), 1), cfg_schedule=rng.choice(choices["cfg_schedule"]),
+                sampler=rng.choice(choices["sampler"]), use_norm=rng.random() < 0.5,
+                preview=rng.choice(choices["preview"]), preview_every=rng.randint(1, 16))
+
+
+def picture(rng: random.Random, folder: Path) -> Path:
+    """A picture to upload for an edit: a background and a disc, of a random size."""
+    width, height = rng.randint(32, 512), rng.randint(32, 512)
+    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    radius = min(width, height) // 3
+    ImageDraw.Draw(image).ellipse((width // 2 - radius, height // 2 - radius, width // 2 + radius,
+                                   height // 2 + radius), fill=tuple(rng.randrange(256) for _ in range(3)))
+    path = folder / f"{rng.getrandbits(64):016x}.png"
+    image.save(path)
+    return path
+
+
+def one_request(client: Client, rng: random.Random, seed: int, prompt: str, settings: dict, mix: Mix,
+                choices: dict, folder: Path) -> dict:
+    """Send one request as the mix says; its outcome (ok: the request's own result arrived)."""
+    settings = dict(settings, **(varied_settings(rng, choices) if mix.varied else {}))
+    start = time.monotonic()
+    try:
+        if rng.random() < mix.edits:
+            prompt = EDITS[seed % len(EDITS)]
+            outputs = client.predict(image=handle_file(str(picture(rng, folder))), prompt=prompt, seed=seed,
+                                     randomize_seed=False, **settings, api_name="/edit")
+        else:
             outputs = client.predict(prompt=prompt, seed=seed, randomize_seed=False, **settings, api_name="/generate")
-            images = len(outputs[1]) if isinstance(outputs, (list, tuple)) and outputs[1] else 0
-            # The parameters shown with the images: this request's, not another's.
-            shown = outputs[3] if images else {}
-            mixed = images > 0 and (shown.get("seed"), shown.get("prompt")) != (seed, prompt)
-            error = f"got another request's result (seed {shown.get('seed')})" if mixed else None
-            outcome = dict(ok=images > 0 and not mixed, images=images, seconds=time.monotonic() - start, error=error)
-        except Exception as error:  # noqa: BLE001 - a failed request is a result of the test
-            outcome = dict(ok=False, images=0, seconds=time.monotonic() - start, error=str(error)[:200])
-        with lock:
-            record.append(outcome)
+        images = len(outputs[1]) if isinstance(outputs, (list, tuple)) and outputs[1] else 0
+        # The parameters shown with the images: this request's, not another's.
+        shown = outputs[3] if images else {}
+        mixed = images > 0 and (shown.get("seed"), shown.get("prompt")) != (seed, prompt)
+        error = f"got another request's result (seed {shown.get('seed')})" if mixed else None
+        return dict(ok=images > 0 and not mixed, images=images, seconds=time.monotonic() - start, error=error)
+    except Exception as error:  # noqa: BLE001 - a failed request is a result of the test
+        return dict(ok=False, images=0, seconds=time.monotonic() - start, error=str(error)[:200])
 
 
-def run(url: str, clients: int, requests: int, time_limit: float, settings: dict) -> dict:
+def client_loop(client: Client, index: int, requests: int, deadline: float, settings: dict, mix: Mix,
+                record: list, lock) -> None:
+    rng = random.Random(index)
+    choices = offered(client) if mix.varied else {}
+    with tempfile.TemporaryDirectory(prefix="nextstep-loadtest-") as folder:
+        for n in range(requests):
+            if time.monotonic() > deadline:
+                return
+            outcome = one_request(client, rng, 1000 * index + n, PROMPTS[(index + n) % len(PROMPTS)], settings, mix,
+                                  choices, Path(folder))
+            with lock:
+                record.append(outcome)
+
+
+def run(url: str, clients: int, requests: int, time_limit: float, settings: dict, mix: Mix = Mix()) -> dict:
     require_loopback(url)
     record: list[dict] = []
     lock = threading.Lock()
@@ -68,7 +127,8 @@ def run(url: str, clients: int, requests: int, time_limit: float, settings: dict
     connections = [Client(url, verbose=False) for _ in range(clients)]
     deadline = time.monotonic() + time_limit
     threads = [
-        threading.Thread(target=client_loop, args=(client, i, requests, deadline, settings, record, lock), daemon=True)
+        threading.Thread(target=client_loop, args=(client, i, requests, deadline, settings, mix, record, lock),
+                         daemon=True)
         for i, client in enumerate(connections)
     ]
     start = time.monotonic()
@@ -99,6 +159,13 @@ def run(url: str, clients: int, requests: int, time_limit: float, settings: dict
     )
 
 
+def add_mix_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--edits", type=float, default=0.0,
+                        help="share of requests that are edits of a picture uploaded with each (0 to 1)")
+    parser.add_argument("--varied", action="store_true",
+                        help="draw each request's settings within what the page offers")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nextstep.tools.loadtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:7860")
@@ -107,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=600.0, help="stop sending after this many seconds")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the app's)")
     parser.add_argument("--num-sampling-steps", type=int, default=None, help="sampling steps (default: the app's)")
+    add_mix_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     settings = dict(preview="none")
@@ -114,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         settings["size"] = args.size
     if args.num_sampling_steps:
         settings["num_sampling_steps"] = args.num_sampling_steps
-    report = run(args.url, args.clients, args.requests, args.time_limit, settings)
+    report = run(args.url, args.clients, args.requests, args.time_limit, settings, Mix(args.edits, args.varied))
     if args.json:
         print(json.dumps(report))
     else:

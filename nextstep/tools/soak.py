@@ -1,4 +1,4 @@
-"""``python -m nextstep.tools.soak``: run the app under load for minutes and report what it holds after.
+"""``python -m nextstep.tools.soak``: run the app under load for minutes and report what it holds.
 
 Starts ``app.py`` (the embedded model unless ``--model``) on a free loopback port with a cache
 folder of its own, drives it with ``nextstep.tools.loadtest``'s clients for ``--minutes``, and prints the
@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.request import urlopen
 
 from ..page.guard import folder_usage
+from .loadtest import Mix, add_mix_flags
 from .loadtest import run as load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,10 @@ def wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 300.
     raise SystemExit(f"the app did not serve {url} within {timeout:g} s")
 
 
-def soak(minutes: float, clients: int, settings: dict, app_args: list[str], sample_seconds: float = 30.0) -> dict:
+def soak(minutes: float, clients: int, settings: dict, app_args: list[str], mix: Mix = Mix(),
+         sample_seconds: float = 60.0) -> dict:
+    """Serve the app under load for ``minutes``; the load test's report with the server's RSS and
+    cache (files, MB) sampled every ``sample_seconds``: (seconds, RSS MB, files, cache MB)."""
     cache = Path(tempfile.mkdtemp(prefix="nextstep-soak-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -61,26 +65,30 @@ def soak(minutes: float, clients: int, settings: dict, app_args: list[str], samp
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_serving(url, server)
-        samples = [(0.0, rss_mb(server.pid))]
+        start = time.monotonic()
+
+        def measured() -> tuple:
+            files, size = folder_usage(cache)
+            return (round(time.monotonic() - start), round(rss_mb(server.pid)), files, round(size / 2**20, 1))
+
+        samples = [measured()]
         finished = threading.Event()
 
         def sample() -> None:
-            start = time.monotonic()
             while not finished.wait(sample_seconds):
-                samples.append((time.monotonic() - start, rss_mb(server.pid)))
+                samples.append(measured())
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         # Enough requests that the clients send until the time is up.
-        report = load(url, clients, 10**6, 60 * minutes, settings)
+        report = load(url, clients, 10**6, 60 * minutes, settings, mix)
         finished.set()
         sampler.join()
-        samples.append((report["seconds"], rss_mb(server.pid)))
-        files, size = folder_usage(cache)
+        samples.append(measured())
     finally:
         server.terminate()
         server.wait(30)
-    return dict(report, rss_mb=[(round(t), round(mb)) for t, mb in samples], cache_files=files, cache_bytes=size)
+    return dict(report, samples=samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,19 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--preview", choices=["vae", "fast", "none"], default="vae",
                         help="the clients' live previews (default vae, as the page)")
+    parser.add_argument("--sample-seconds", type=float, default=60.0, help="how often the server is measured")
+    add_mix_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args, app_args = parser.parse_known_args(argv)  # the rest goes to app.py (--model, --threads, …)
-    report = soak(args.minutes, args.clients, dict(preview=args.preview), app_args)
+    report = soak(args.minutes, args.clients, dict(preview=args.preview), app_args, Mix(args.edits, args.varied),
+                  args.sample_seconds)
     if args.json:
         print(json.dumps(report))
         return 0
-    rss = report["rss_mb"]
     print(f"{report['clients']} clients for {report['seconds'] / 60:.1f} min: {report['requests']} requests, "
           f"{report['failed']} failed, {report['images_per_second']:.2f} images/s, "
           f"p50 {report['p50_seconds']:.2f} s, p95 {report['p95_seconds']:.2f} s")
-    print(f"server RSS: {rss[0][1]} MB at start, {rss[-1][1]} MB at the end; "
-          f"samples (s, MB): {', '.join(f'{t}:{mb}' for t, mb in rss)}")
-    print(f"cache: {report['cache_files']} files, {report['cache_bytes'] / 2**20:.1f} MB")
+    print("seconds  RSS MB  cache files  cache MB")
+    for seconds, rss, files, size in report["samples"]:
+        print(f"{seconds:>7}  {rss:>6}  {files:>11}  {size:>8}")
     for error in report["errors"]:
         print(f"  error: {error}")
     return 0 if report["failed"] == 0 else 1
