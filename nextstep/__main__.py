@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = NextStepPipeline.from_pretrained(options.model, vae=options.vae, device=options.torch_device,
                                                 dtype=options.torch_dtype, quantize=options.quantize)
-        if options.compile:
-            pipe.compile()
+        pipe.compile(options.step_mode(one_shot=True))
         with tqdm(desc="image tokens", unit="token", file=sys.stderr) as progress:
             for event in pipe.stream(args.prompt, args.image, preview="none", **given_settings(args)):
                 progress.total = event.total

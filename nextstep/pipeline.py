@@ -114,15 +114,18 @@ class NextStepPipeline:
         return cls(network, autoencoder, load_tokenizer(model_dir), name=display_name(model), family=chosen.name,
                    directory=model_dir)
 
-    def compile(self, cuda_graph: bool | None = None) -> None:
-        """Compile the whole per-token step (backbone decode, every flow-head step, guidance,
-        use_norm) with ``torch.compile(fullgraph=True)``: one graph per batch shape, compiled the
-        first time that shape runs (minutes on a small CPU, see the README), then reused.
+    def compile(self, mode: str = "compiled", cuda_graph: bool | None = None) -> None:
+        """Speed up the per-token step (backbone decode, every flow-head step, guidance, use_norm).
 
-        Opt-in and per instance. ``cuda_graph`` (default: on CUDA) also captures the step as a
-        CUDA graph once per batch and replays it for every token, one launch instead of thousands.
-        """
-        self.engine.compile(self.device.type == "cuda" if cuda_graph is None else cuda_graph)
+        mode "compiled": ``torch.compile(fullgraph=True)``, one graph per batch shape, compiled the
+        first time that shape runs (minutes on a small CPU, see docs/performance.md), then reused;
+        "background": compiled on a thread of its own while the eager step serves, each shape
+        switching once its compile is ready; "graph" (CUDA): the eager step captured as a CUDA
+        graph, no compile; "eager": back to the plain step. ``cuda_graph`` (default: on CUDA)
+        also captures the (compiled) step as a CUDA graph, once per batch shape: one launch per
+        token instead of thousands. Opt-in and per instance."""
+        captured = mode != "eager" and self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.engine.set_step(mode, captured)
 
     # ---- what users need to know about the loaded model ------------------------------------
 

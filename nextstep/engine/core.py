@@ -30,14 +30,8 @@ from .prompts import IMAGE_SLOT, PromptBuilder, check_image_slot_place, with_ima
 from .sampling import guidance_schedule, noise_draws, time_grid
 from .settings import OFFICIAL_EDIT, GenerationRequest, resolve
 from .sizes import Size, default_size, supported_sizes
-from .token_loop import (
-    BatchDecoder,
-    DecodeJob,
-    Step,
-    batch_key,
-    compile_step,
-    decode_step,
-)
+from .steps import StepRunner
+from .token_loop import BatchDecoder, DecodeJob, batch_key, batch_shape, decode_step
 
 
 @dataclass
@@ -131,8 +125,7 @@ class Engine:
         self.previewer = Previewer(vae, self.config.latent_patch_size)
         self._previews: PreviewWorker | None = None  # ``decode``'s own, made at first use
         self._previews_pid = os.getpid()
-        self.step: Step = decode_step  # the per-token step; ``compile`` swaps in the compiled one
-        self.cuda_graph = False
+        self.runner = StepRunner(decode_step)  # how the per-token step runs: ``set_step`` changes it
         # Where an edit prompt without ``<image>`` takes the input image: as the model was trained
         # (a model may store "image_slot"), else before the instruction, as the official examples.
         self.image_slot = check_image_slot_place(stored.get("image_slot", "before"))
@@ -141,11 +134,21 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.device
 
-    def compile(self, cuda_graph: bool = False) -> None:
-        """Run the token loop with the compiled step (``decoding.compile_step``), captured as a
-        CUDA graph per batch when ``cuda_graph``."""
-        self.step = compile_step()
-        self.cuda_graph = cuda_graph
+    def set_step(self, mode: str, cuda_graphs: bool = False) -> None:
+        """Run the per-token step as ``mode`` says (``steps.STEP_MODES``: eager, graph, compiled,
+        background), captured once per batch shape as a CUDA graph when ``cuda_graphs`` (mode
+        "graph" is the eager step captured)."""
+        self.runner = StepRunner(decode_step, mode, cuda_graphs or mode == "graph", self.runner.store)
+
+    def warm_up(self) -> None:
+        """In background mode, have the step compiled now for the default request of each tab
+        (one image, the model's defaults): the shapes most requests have."""
+        if self.runner.compiler is None:
+            return
+        for image in [None] + ([Image.new("RGB", (64, 64))] if self.supports_images else []):
+            job = self.prepare(self.request("a picture", image, seed=0))
+            shape, make, arguments = batch_shape(self.model, [job], self.uses_position_table)
+            self.runner.compiler.ask(shape, lambda make=make, arguments=arguments: (self.model, make()[0], *arguments))
 
     @property
     def supports_images(self) -> bool:
@@ -274,26 +277,28 @@ class Engine:
         engine's own worker): each reaches its run's sink a little after its token, one due while
         the run's last is still decoding is skipped, and the loop never waits for one."""
         with torch.inference_mode(), hooks.timed("prefill"):
-            decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table, step=self.step,
-                                   cuda_graph=self.cuda_graph)
+            decoder = BatchDecoder(self.model, [run.job for run in runs], self.uses_position_table, self.runner)
         active = list(runs)
-        while active and not decoder.finished:
-            with hooks.timed("step"):
-                done = decoder.step() + 1
-            for run in list(active):
-                if run.sink.should_stop():
-                    decoder.drop(run.job)
-                    active.remove(run)
-                    run.sink.dropped()
-                    continue
-                if run.preview_due(done):
-                    (previews or self.previews).offer(  # the engine's own worker made only once needed
-                        run, done, lambda at, images, total=run.job.total: StreamEvent(at, total, images))
-                if done < run.job.total and run.sink.wants_progress():
-                    run.sink.progress(StreamEvent(done, run.job.total, None))
-            yield done
-        for run in active:
-            run.decoded = True
+        try:
+            while active and not decoder.finished:
+                with hooks.timed("step"):
+                    done = decoder.step() + 1
+                for run in list(active):
+                    if run.sink.should_stop():
+                        decoder.drop(run.job)
+                        active.remove(run)
+                        run.sink.dropped()
+                        continue
+                    if run.preview_due(done):
+                        (previews or self.previews).offer(  # the engine's own worker made only once needed
+                            run, done, lambda at, images, total=run.job.total: StreamEvent(at, total, images))
+                    if done < run.job.total and run.sink.wants_progress():
+                        run.sink.progress(StreamEvent(done, run.job.total, None))
+                yield done
+            for run in active:
+                run.decoded = True
+        finally:
+            decoder.release()
 
     @property
     def previews(self) -> PreviewWorker:

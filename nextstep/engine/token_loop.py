@@ -13,26 +13,37 @@ Each token is one call of ``decode_step``: a static function of the batch's ``St
 (device tensors of fixed shape, the token index among them) that samples the token with every
 flow-head step and its guidance, stores it, and runs the backbone on it for the next. It reads
 no value back to the host and allocates nothing that depends on the token, so the same step
-serves every token: ``torch.compile(decode_step, fullgraph=True)`` compiles it once per batch
-shape (``compile_step``), and on CUDA it can be captured once per batch as a CUDA graph and
-replayed for every token (``BatchDecoder(cuda_graph=True)``).
+serves every token and every batch of the same shape: compiled once per shape, captured once per
+shape as a CUDA graph on CUDA (``steps``: the step modes and the static state every batch of a
+shape refills).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..models.backbone import StaticKVCache, cache_slots
+from ..models.backbone import StaticKVCache
 from ..models.model import NextStepModel
 from ..models.tokens import normalize_tokens
 from .sampling import SAMPLERS, Coefficients, Sampler, guided, integrate
+from .steps import StepRunner, capture
 
-# The most batch shapes a compiled step compiles a graph for.
-STEP_GRAPHS = 64
+# Cache lengths are rounded up to this many slots (prompt and image together): with the image's
+# tokens, prompts of up to about this many tokens share one length, so one compiled graph and one
+# captured step per grid and batch size. Unused slots are masked as padding is (flash reads only
+# the valid ones; SDPA reads them all, a few per cent of a step's bytes at the 14B shape).
+CACHE_SLOTS_MULTIPLE = 512
+# Steps in flight between the host and the GPU: the loop waits for the step before last, so Stop,
+# the time limit and the progress shown are true within a token.
+IN_FLIGHT = 2
+
+
+def cache_slots(needed: int) -> int:
+    """The cache length a batch needing ``needed`` slots gets: rounded up to CACHE_SLOTS_MULTIPLE."""
+    return -(-needed // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
 
 
 def batch_key(grid, sampler, num_sampling_steps, timesteps_shift, branches, use_norm) -> tuple:
@@ -119,97 +130,107 @@ def decode_step(
     state.positions += 1
 
 
-Step = Callable[..., None]  # decode_step or a compiled decode_step
+@torch.inference_mode()  # whoever makes it: a compiled step's guards tell inference tensors apart
+def new_state(model: NextStepModel, rows: int, images: int, total: int, draws: int, slots: int,
+              times: torch.Tensor, schedule: list[Coefficients]) -> tuple[StepState, int]:
+    """A batch shape's state, zeroed, and its bytes; the time grid and its scalars are the shape's own."""
+    device, dim = model.device, model.config.token_dim
+    cache = model.new_cache(rows, slots)
+    state = StepState(
+        cache=cache,
+        hidden=torch.zeros(rows, model.config.hidden_size, device=device, dtype=model.dtype),
+        tokens=torch.zeros(images, total, dim, device=device),
+        token=torch.zeros(1, dtype=torch.long, device=device),
+        slot=torch.zeros(1, dtype=torch.long, device=device),
+        positions=torch.zeros(rows, 1, dtype=torch.long, device=device),
+        valid=torch.ones(rows, 1, dtype=torch.bool, device=device),
+        noise=torch.zeros(total, draws, images, dim, device=device),
+        cfg=torch.zeros(total, images, 1, device=device),
+        cfg_img=torch.zeros(total, images, 1, device=device),
+        times=times[: len(schedule)],
+        schedule=schedule,
+    )
+    tensors = [*cache.keys, *cache.values, state.tokens, state.noise]
+    return state, sum(t.numel() * t.element_size() for t in tensors)
 
 
-def compile_step() -> Step:
-    """``decode_step`` compiled whole with inductor (no graph breaks, static shapes): one graph per
-    batch shape, reused by every decoder of that shape and every token. Pass it to
-    ``BatchDecoder(step=...)``; keep one per process. On CUDA, combine it with ``cuda_graph=True``
-    rather than a "reduce-overhead" mode: the decoder captures the whole step itself."""
-    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+def batch_shape(model: NextStepModel, jobs: list[DecodeJob], position_table: bool) -> tuple:
+    """(the batch's shape, ``make()`` -> a zeroed state of that shape and its bytes, the step's
+    Python arguments after the state) for jobs sharing one batch key."""
+    first = jobs[0]
+    sampler = SAMPLERS[first.sampler]
+    images = sum(job.images for job in jobs)
+    slots = cache_slots(max(job.input_ids.shape[1] for job in jobs) + first.total)
+    schedule = sampler.schedule(first.times)
+    draws = first.head_noise.shape[1]
 
-    def step(*args) -> None:
-        # A server meets more batch shapes than dynamo's default of 8 graphs per function, and
-        # with fullgraph the next one would be an error.
-        with torch._dynamo.config.patch(recompile_limit=STEP_GRAPHS):
-            compiled(*args)
+    def make() -> tuple[StepState, int]:
+        return new_state(model, first.branches * images, images, first.total, draws, slots, first.times, schedule)
 
-    return step
+    return (first.batch_key, images, slots), make, (sampler, first.branches, first.use_norm, position_table)
 
 
 class BatchDecoder:
-    """Decodes the image tokens of jobs with one batch key together; ``drop`` removes a job.
+    """Decodes the image tokens of jobs with one batch key together; ``drop`` removes a job,
+    ``release`` ends the batch (the jobs keep their tokens, the shape's state goes back).
 
-    step: ``decode_step`` or ``compile_step()``'s. cuda_graph: on CUDA, capture the step once
-    after the first token and replay it for the others (no launch per operation).
+    runner: how the step runs (``steps.StepRunner``): eager, captured, compiled.
     """
 
-    def __init__(
-        self, model: NextStepModel, jobs: list[DecodeJob], position_table: bool, step: Step = decode_step,
-        cuda_graph: bool = False,
-    ):
+    def __init__(self, model: NextStepModel, jobs: list[DecodeJob], position_table: bool, runner: StepRunner):
         """position_table: add the model's generation position table to the condition
         (``config.use_gen_pos_embed``, where the model's family honours it)."""
         keys = {job.batch_key for job in jobs}
         if len(keys) != 1:
             raise ValueError("jobs decoded together must share grid, sampler, steps, shift, branches and use_norm")
-        if cuda_graph and model.device.type != "cuda":
+        if runner.cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
-        self.model = model
-        self.jobs = list(jobs)
-        first = jobs[0]
-        self.total = first.total
-        self.next_token = 0
-        sampler = SAMPLERS[first.sampler]
-        self._step = step
-        self._arguments = (sampler, first.branches, first.use_norm, position_table)
-        self._cuda_graph = cuda_graph
-        self._graph: torch.cuda.CUDAGraph | None = None  # captured after the first token
-        self.state = self._prefill(sampler, first.branches, first.times)
+        self.model, self.jobs, self.runner = model, list(jobs), runner
+        self.total, self.next_token = jobs[0].total, 0
+        self.shape, self._make, self._arguments = batch_shape(model, jobs, position_table)
+        self.static = runner.store.take(self.shape, self._make)
+        self._in_flight: list = []
+        try:
+            self._prefill(self.static.state, max(job.input_ids.shape[1] for job in jobs))
+        except BaseException:
+            runner.store.give_back(self.static)
+            raise
+
+    @property
+    def state(self) -> StepState:
+        return self.static.state
 
     @torch.inference_mode()
-    def _prefill(self, sampler: Sampler, branches: int, times: torch.Tensor) -> StepState:
+    def _prefill(self, state: StepState, length: int) -> None:
+        """Fill the shape's state with this batch: the prompts through the backbone into its cache,
+        every job's noise and guidance, the counters at the first image token."""
         model, device, jobs = self.model, self.model.device, self.jobs
-        length = max(job.input_ids.shape[1] for job in jobs)
         job_embeds = [model.embed(job.input_ids.to(device), job.image_latents) for job in jobs]
+        branches = self._arguments[1]
         embeds, valid, positions = [], [], []
         for branch in range(branches):
             for job, all_rows in zip(jobs, job_embeds):
                 rows = slice(branch * job.images, (branch + 1) * job.images)
                 pad = length - job.input_ids.shape[1]
                 embeds.append(F.pad(all_rows[rows], (0, 0, pad, 0)))
-                valid.append(F.pad(job.attention_mask[rows].to(device).bool(), (pad, 0)))
+                valid.append(F.pad(job.attention_mask[rows].bool(), (pad, 0)))  # on the host
                 positions.append((torch.arange(length, device=device) - pad).clamp(min=0).expand(job.images, -1))
-        embeds, positions = torch.cat(embeds), torch.cat(positions)  # positions: each job's own
-        slots = cache_slots(length + self.total)
-        cache = model.new_cache(embeds.shape[0], slots)
-        hidden = model.forward_backbone(embeds, torch.arange(length, device=device), torch.cat(valid), cache, positions)
-        # The batch's tokens live in one tensor written by the step; each job's are a view of it.
-        tokens = torch.cat([job.tokens for job in jobs])
-        start = 0
+        embeds, positions, valid = torch.cat(embeds), torch.cat(positions), torch.cat(valid)  # positions: each job's own
+        state.cache.key_valid.zero_()  # slots an earlier batch of this shape filled are padding now
+        hidden = model.forward_backbone(embeds, torch.arange(length, device=device), valid.to(device), state.cache,
+                                        positions, prompt_valid=valid)
+        state.hidden.copy_(hidden[:, -1])
+        state.tokens.zero_()
+        state.token.zero_()
+        state.slot.fill_(length)
+        state.positions.copy_(positions[:, -1:] + 1)
+        state.noise.copy_(torch.cat([job.head_noise for job in jobs], dim=2))
+        state.cfg.copy_(torch.cat([job.cfg[:, None, None].expand(-1, job.images, 1) for job in jobs], dim=1))
+        state.cfg_img.copy_(torch.cat([job.cfg_img[:, None, None].expand(-1, job.images, 1) for job in jobs], dim=1))
+        start = 0  # the batch's tokens live in the state; each job's are a view of them until release
         for job in jobs:
-            job.tokens = tokens[start : start + job.images]
+            job.tokens = state.tokens[start : start + job.images]
             start += job.images
-        schedule = sampler.schedule(times)
-
-        def per_token(values: torch.Tensor, job: DecodeJob) -> torch.Tensor:  # (N,) -> (N, images, 1)
-            return values[:, None, None].expand(-1, job.images, 1)
-
-        return StepState(
-            cache=cache,
-            hidden=hidden[:, -1].clone(),
-            tokens=tokens,
-            token=torch.zeros(1, dtype=torch.long, device=device),
-            slot=torch.full((1,), length, device=device),
-            positions=positions[:, -1:] + 1,
-            valid=torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=device),
-            noise=torch.cat([job.head_noise for job in jobs], dim=2),
-            cfg=torch.cat([per_token(job.cfg, job) for job in jobs], dim=1),
-            cfg_img=torch.cat([per_token(job.cfg_img, job) for job in jobs], dim=1),
-            times=times[: len(schedule)],
-            schedule=schedule,
-        )
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -220,27 +241,30 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self) -> int:
         """Sample token ``k`` of every job, store it in ``job.tokens``, feed it back; return k."""
-        if self._graph is not None:
-            self._graph.replay()
-        elif self._cuda_graph:
-            self._graph = self._first_step_then_capture()
-        else:
-            self._step(self.model, self.state, *self._arguments)
+        step = self.runner.for_shape(self.shape, self._warm_up)
+        static, arguments = self.static, (self.model, self.static.state, *self._arguments)
+        if not self.runner.cuda_graphs:
+            step(*arguments)
+        elif static.graph is not None and static.graph_of is step:
+            static.graph.replay()
+        else:  # the first token of this shape with this step: it runs once, then is recorded
+            static.graph, static.graph_of = capture(step, arguments, self.runner.store.pool), step
+        self._bound_in_flight()
         self.next_token += 1
         return self.next_token - 1
 
-    def _first_step_then_capture(self) -> torch.cuda.CUDAGraph:
-        # The first token runs on a side stream (warm-up, as CUDA graph capture asks), then the step
-        # is recorded (recording runs nothing) and replayed for the other tokens.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(self.model, self.state, *self._arguments)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(self.model, self.state, *self._arguments)
-        return graph
+    def _bound_in_flight(self) -> None:
+        if self.model.device.type != "cuda":
+            return  # the CPU runs each step to its end
+        done = torch.cuda.Event()
+        done.record()
+        self._in_flight.append(done)
+        if len(self._in_flight) >= IN_FLIGHT:
+            self._in_flight.pop(0).synchronize()
+
+    def _warm_up(self) -> tuple:
+        """The arguments of a background compile run for this shape: a state of its own."""
+        return (self.model, self._make()[0], *self._arguments)
 
     def drop(self, job: DecodeJob) -> None:
         """Remove a job (cancelled); the others go on from the same token.
@@ -251,3 +275,11 @@ class BatchDecoder:
         with a few rows fewer. The job keeps the tokens sampled so far."""
         self.jobs.remove(job)
         job.tokens = job.tokens.clone()  # no longer a view of the batch's tokens
+
+    def release(self) -> None:
+        """End the batch: every job keeps a copy of its tokens, and the shape's state is free for
+        the next batch of its shape."""
+        for job in self.jobs:
+            job.tokens = job.tokens.clone()
+        self.jobs = []
+        self.runner.store.give_back(self.static)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..engine.sizes import Size, native_area
-from ..models.backbone import cache_slots
+from ..engine.token_loop import cache_slots
 from ..models.config import NextStepConfig
 from ..models.model import NextStepModel
 from ..models.quantize import (
@@ -44,6 +44,9 @@ from .hub import CONFIG_FILES, resolve_directory
 
 GIB = 2**30
 HEADROOM = GIB // 2  # allocator fragmentation, cuBLAS workspaces, kernels loaded on first use
+# On a GPU, what the process holds before any tensor: the CUDA context and the libraries' modules
+# (cuBLAS, cuDNN, the compiled kernels), 0.5-1.5 GiB by card and library versions.
+CUDA_CONTEXT = GIB
 MEMORY_LIMIT = "NEXTSTEP_MEMORY_LIMIT"
 # Prompt tokens besides the text: "<|image_area|>" + "h*w" + "<|begin_of_image|>" for the output,
 # and the same plus "<|end_of_image|>" around an inlined input image.
@@ -94,13 +97,20 @@ class MemoryPlan:
     weights_bytes: int  # model parameters and buffers
     vae_bytes: int
     kv_cache_bytes: int
-    working_bytes: int  # the largest transient: a layer's prefill, or the VAE at full resolution
+    # The largest transient: a layer's prefill, beside the previous batch's final VAE decode (the
+    # scheduler overlaps them).
+    working_bytes: int
     # The peak under each quantization this device supports (None: unquantized), to name the options.
     peak_by_quantize: dict = field(default_factory=dict, compare=False)
 
     @property
+    def context_bytes(self) -> int:
+        return CUDA_CONTEXT if self.device.startswith("cuda") else 0
+
+    @property
     def peak_bytes(self) -> int:
-        return self.weights_bytes + self.vae_bytes + self.kv_cache_bytes + self.working_bytes + HEADROOM
+        return (self.weights_bytes + self.vae_bytes + self.kv_cache_bytes + self.working_bytes + HEADROOM
+                + self.context_bytes)
 
     def fits(self, free_bytes: int) -> bool:
         return self.peak_bytes <= free_bytes
@@ -118,7 +128,9 @@ class MemoryPlan:
         return (
             f"{' + '.join(self.models)} on {self.device} ({setting}): weights {_gib(self.weights_bytes)} + "
             f"VAE {_gib(self.vae_bytes)} + KV cache {_gib(self.kv_cache_bytes)} + working set "
-            f"{_gib(self.working_bytes)} + headroom {_gib(HEADROOM)} = peak {_gib(self.peak_bytes)}"
+            f"{_gib(self.working_bytes)} + headroom {_gib(HEADROOM)}"
+            + (f" + CUDA context {_gib(self.context_bytes)}" if self.context_bytes else "")
+            + f" = peak {_gib(self.peak_bytes)}"
         )
 
     def refusal(self, free_bytes: int) -> str:
@@ -147,6 +159,7 @@ class MemoryPlan:
             "kv_cache_gib": self.kv_cache_bytes / GIB,
             "working_gib": self.working_bytes / GIB,
             "headroom_gib": HEADROOM / GIB,
+            "context_gib": self.context_bytes / GIB,
             "peak_gib": self.peak_bytes / GIB,
         }
 
@@ -195,9 +208,8 @@ def plan(
             weights_bytes=weight_bytes(network, dtype, choice),
             vae_bytes=sum(t.numel() for t in autoencoder.parameters()) * size,
             kv_cache_bytes=kv_cache_bytes(config, vae_config, workload, size),
-            working_bytes=max(
-                prefill_bytes(config, vae_config, workload, size, choice), vae_working_bytes(vae_config, workload, size)
-            ),
+            working_bytes=prefill_bytes(config, vae_config, workload, size, choice)
+            + vae_working_bytes(vae_config, workload, size),
         )
 
     choices = [None] + [q for q in QUANTIZATIONS if q != "fp8" or fp8_supported(device)]
@@ -207,22 +219,27 @@ def plan(
 
 def checkpoint_plan(
     model: str | Path, device, dtype: torch.dtype, quantize: str | None, vae: str | Path | None = None,
+    images: int = 1,
 ) -> MemoryPlan:
-    """What loading ``model`` (a directory or Hub id: only its configs are read) and serving one
-    request need on ``device``. The VAE is counted from its config where it is a local directory
-    (given, or bundled in the model's), else at the release VAE's shape."""
+    """What loading ``model`` (a directory or Hub id: only its configs are read) and serving a
+    batch of ``images`` at its native size need on ``device``. The VAE is counted from its config
+    where it is a local directory (given, or bundled in the model's), else at the release VAE's
+    shape."""
     config_dir = resolve_directory(model, "model", files=CONFIG_FILES)
     config = NextStepConfig.from_pretrained(config_dir)
     local_vae = next((Path(d) for d in (vae, config_dir / "vae") if d is not None and Path(d).is_dir()), None)
-    return plan(config, local_vae, dtype, quantize, device, one_request(config, local_vae), name=str(model))
+    workload = one_request(config, local_vae, images)
+    return plan(config, local_vae, dtype, quantize, device, workload, name=str(model))
 
 
-def one_request(config: NextStepConfig, vae: VAEConfig | str | Path | None = None) -> Workload:
-    """The least a served model must hold: one image at the square it was trained at, as an edit
-    when the model takes input images (the largest request of that size)."""
+def one_request(config: NextStepConfig, vae: VAEConfig | str | Path | None = None, images: int = 1) -> Workload:
+    """What a served model must hold for a batch of ``images``: each at the square it was trained
+    at, as an edit when the model takes input images (the largest request of that size)."""
     side = math.isqrt(native_area(config, _vae_config(vae).downsample_factor))
     size = Size(side, side)
-    return Workload.edit(size) if config.image_placeholder_id is not None else Workload.text_to_image(size)
+    if config.image_placeholder_id is not None:
+        return Workload.edit(size, images)
+    return Workload.text_to_image(size, images)
 
 
 def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> int:

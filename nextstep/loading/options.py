@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.steps import STEP_MODES
 from ..models.quantize import QUANTIZATIONS
 from .devices import DTYPES, pick_device, pick_dtype
 
@@ -29,7 +30,7 @@ class RuntimeOptions:
     dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
     quantize: str | None = None  # weight-only quantization of the backbone
     threads: int | None = None  # None: 1 on the CPU, torch's choice on a GPU
-    compile: bool = False  # compile the per-token step
+    step: str = "auto"  # how the per-token step runs: "auto" or one of engine.steps.STEP_MODES
 
     @property
     def torch_device(self) -> str:
@@ -38,6 +39,18 @@ class RuntimeOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return pick_dtype(self.dtype, self.torch_device)
+
+    def step_mode(self, zero_gpu: bool = False, one_shot: bool = False) -> str:
+        """The step mode ``step`` stands for: by default, on ZeroGPU (where torch.compile is not
+        available) the eager step captured as a CUDA graph; on a GPU the compiled step, compiled in
+        the background while the captured eager step serves (for one generation, ``one_shot``,
+        the captured eager step alone); on the CPU the eager step (a compile takes minutes of a
+        small machine's cores, see docs/performance.md)."""
+        if self.step != "auto":
+            return self.step
+        if torch.device(self.torch_device).type != "cuda":
+            return "eager"
+        return "graph" if zero_gpu or one_shot else "background"
 
     def placed(self) -> list[tuple[str, str]]:
         """(model, device) of each model to load: the edit model only where it is another one."""
@@ -58,8 +71,10 @@ _HELP = {
                 "8.9+) [default: none]",
     "threads": "CPU threads for torch [default: 1 on the CPU, where small models are bound by per-operation "
                "overhead and share the cores with the server]",
-    "compile": "compile the per-token step (and capture it as a CUDA graph on CUDA): each batch shape compiles "
-               "on first use, then runs faster [default: off]",
+    "step": "how the per-token step runs: eager; graph (the eager step captured as a CUDA graph, once per batch "
+            "shape); compiled (torch.compile, each batch shape compiled at its first use, captured on CUDA); "
+            "background (compiled on a thread of its own while the eager step serves) [default: auto: background "
+            "on a GPU, graph on ZeroGPU, eager on the CPU]",
 }
 
 
@@ -82,13 +97,12 @@ def add_runtime_flags(parser: argparse.ArgumentParser, *, embedded_default: bool
         if option == "model":
             help_text += " [default: the embedded model]" if embedded_default else " [default: random weights]"
         help_text = f"{help_text} [env {variable}]"
-        if option == "compile":
-            group.add_argument(flag, action="store_true", default=env(variable) == "1", help=help_text + "=1")
-        elif option == "threads":
+        if option == "threads":
             group.add_argument(flag, type=int, default=int(env(variable, "0")) or None, help=help_text)
         else:
-            choices = {"dtype": list(DTYPES), "quantize": list(QUANTIZATIONS)}.get(option)
-            group.add_argument(flag, default=env(variable), choices=choices, help=help_text)
+            choices = {"dtype": list(DTYPES), "quantize": list(QUANTIZATIONS), "step": ["auto", *STEP_MODES]}.get(option)
+            group.add_argument(flag, default=env(variable, "auto" if option == "step" else None), choices=choices,
+                               help=help_text)
     parser.set_defaults(embedded_default=embedded_default)
 
 
@@ -96,7 +110,6 @@ def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
     """The options the flags of ``add_runtime_flags`` gave; ValueError when the embedded model is
     the default and this checkout lacks it."""
     values = {f.name: getattr(args, f.name, None) for f in fields(RuntimeOptions)}
-    values["compile"] = bool(values["compile"])
     if values["model"] is None and args.embedded_default:
         if not EMBEDDED_MODEL.is_dir():
             raise ValueError(f"the default model {EMBEDDED_MODEL} is not in this checkout; pass --model "

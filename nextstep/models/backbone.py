@@ -8,12 +8,11 @@ the way the token loop needs it (fixed shapes, no tensor growth per token).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionKernels, AttentionPlan, Packing, attend, attention_mask
 from .config import NextStepConfig
 
 
@@ -79,26 +78,18 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-# Cache lengths are rounded up to a multiple of this, so that one compiled step serves prompts
-# of nearby lengths (unused slots are masked out like padding).
-CACHE_SLOTS_MULTIPLE = 128
-
-
-def cache_slots(needed: int) -> int:
-    """The cache length a batch needing ``needed`` slots gets: rounded up to CACHE_SLOTS_MULTIPLE."""
-    return -(-needed // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
-
-
 class StaticKVCache:
     """Keys and values for every layer, allocated once for ``max_len`` slots.
 
     ``key_valid`` marks which slots hold real (non-padding) tokens of each row. A slot is where a
     token is stored; its rotary position is the caller's business (rows of a batch that were
-    padded to a common length keep their own positions).
+    padded to a common length keep their own positions). ``kernels``: flash-attn's (or a
+    stand-in's) to attend with, None for SDPA.
     """
 
-    def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype, flash=None):
-        self.flash = flash  # the flash-attn 2 module to attend with (``flash_attn_module``), or None for SDPA
+    def __init__(self, config: NextStepConfig, batch_size: int, max_len: int, device, dtype,
+                 kernels: AttentionKernels | None = None):
+        self.kernels = kernels
         # One tensor per layer, not a view of one big one: a compiled step then writes each layer's
         # new slot in place (a write through a view of a graph input copies the whole layer).
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -107,102 +98,26 @@ class StaticKVCache:
         self.key_valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.key_slots = torch.arange(max_len, device=device)
 
-    def mark(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Record which of the incoming cache ``slots`` hold real tokens and return the attention mask.
-
-        valid: (B, T) bool. Returns (B, 1, T, max_len) bool, True where a query may attend a key:
-        causal over real keys, and always the query's own slot, so that padding rows stay
-        finite (their outputs are never used).
-        """
+    def plan(self, slots: torch.Tensor, valid: torch.Tensor, prompt_valid: torch.Tensor | None = None) -> AttentionPlan:
+        """Record which of the incoming cache ``slots`` (T,) hold real tokens (``valid``: (B, T)
+        bool) and return what every layer of this forward attends with: SDPA's mask (causal over
+        real keys, and always the query's own slot, so padding rows stay finite), or the flash
+        kernels' lengths. ``prompt_valid``: ``valid`` read on the host, for a prefill from slot 0
+        (flash packs its real tokens by it without reading the device)."""
         self.key_valid.index_copy_(1, slots, valid)
-        return attention_mask(slots, self.key_slots, self.key_valid)
+        if self.kernels is not None and slots.shape[0] == 1:  # a decode step
+            lengths = (slots + 1).to(torch.int32).expand(valid.shape[0]).contiguous()
+            left_padding = self.key_valid.int().argmax(dim=1).int()  # rows are left padded
+            return AttentionPlan(kernels=self.kernels, lengths=lengths, left_padding=left_padding)
+        if self.kernels is not None and prompt_valid is not None:
+            return AttentionPlan(kernels=self.kernels, packing=Packing.of(prompt_valid, self.key_valid.device))
+        return AttentionPlan(mask=attention_mask(slots, self.key_slots, self.key_valid))
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, kv_heads, T, head_dim) at ``slots``; return the whole cache of ``layer``."""
         self.keys[layer].index_copy_(2, slots, k)
         self.values[layer].index_copy_(2, slots, v)
         return self.keys[layer], self.values[layer]
-
-    def left_padding(self) -> torch.Tensor:
-        """(B,) int32: padding slots before each row's first real token (rows are left padded)."""
-        return self.key_valid.int().argmax(dim=1).int()
-
-
-def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """(T,) query slots, (S,) key slots, (B, S) real keys -> (B, 1, T, S) bool: causal over real
-    keys, plus each query's own slot (so that rows of pure padding stay finite)."""
-    causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
-    own = key_slots[None, :] == query_slots[:, None]
-    return ((causal & key_valid[:, None, :]) | own)[:, None]
-
-
-def flash_attn_module(device: torch.device, dtype: torch.dtype):
-    """The flash-attn 2 package when it is installed and can serve this device and dtype, else None.
-
-    It is optional (a CUDA-only extra); SDPA serves everywhere else."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return None
-    try:
-        return importlib.import_module("flash_attn")
-    except ImportError:
-        return None
-
-
-def flash_attention(flash, q, k, v, cache: StaticKVCache, layer: int, slots: torch.Tensor) -> torch.Tensor | None:
-    """Attention with flash-attn 2 for the two shapes the token loop uses, else None.
-
-    q: (B, nh, T, hd); k, v: this chunk's keys and values (B, nkv, T, hd), already in the cache.
-    A prefill from slot 0 drops the left padding and runs variable-length causal attention; a
-    one-token step reads the cache in place, from each row's first real slot.
-    """
-    b, _, t, _ = q.shape
-    if t == 1:
-        seqlens = (slots + 1).to(torch.int32).expand(b).contiguous()
-        out = flash.flash_attn_with_kvcache(
-            q.transpose(1, 2), cache.keys[layer].transpose(1, 2), cache.values[layer].transpose(1, 2),
-            cache_seqlens=seqlens, cache_leftpad=cache.left_padding(), causal=True,
-        )  # (B, 1, nh, hd)
-        return out.transpose(1, 2)
-    if int(slots[0]) != 0:
-        return None
-    valid = cache.key_valid[:, :t].reshape(-1)
-    lengths = cache.key_valid[:, :t].sum(dim=1, dtype=torch.int32)
-    starts = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    real = valid.nonzero().squeeze(1)
-
-    def packed(x):  # (B, heads, T, hd) -> (real tokens, heads, hd)
-        return x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[3])[real]
-
-    longest = int(lengths.max())
-    out = flash.flash_attn_varlen_func(packed(q), packed(k), packed(v), starts, starts, longest, longest, causal=True)
-    full = q.new_zeros(b * t, q.shape[1], q.shape[3])
-    full[real] = out
-    return full.reshape(b, t, q.shape[1], q.shape[3]).transpose(1, 2)
-
-
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA of q (B, nh, T, hd) over k, v (B, nkv, S, hd) with a bool mask (B, 1, T, S).
-
-    With grouped KV heads, the query heads of each KV head (heads j*g .. j*g+g-1) are folded into
-    its query rows instead of passing ``enable_gqa``: with a mask, CUDA's fused kernels refuse
-    ``enable_gqa`` and SDPA falls back to its unfused math, while the folded form is plain
-    attention with a mask, which the memory-efficient kernel takes. A one-token step folds as a
-    view; a prefill copies q and the mask once.
-    """
-    b, heads, t, head_dim = q.shape
-    groups = heads // k.shape[1]
-    if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    q = q.reshape(b, k.shape[1], groups * t, head_dim)  # (B, nkv, g*T, hd)
-    mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, 1, groups * t, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.reshape(b, heads, t, head_dim)  # SDPA may hand back a transposed layout
-
-
-def causal_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Mask for a whole sequence without a cache: (B, T) real tokens -> (B, 1, T, T)."""
-    slots = torch.arange(valid.shape[1], device=valid.device)
-    return attention_mask(slots, slots, valid)
 
 
 class Attention(nn.Module):
@@ -218,20 +133,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_attention_bias)
 
-    def forward(self, x, cos, sin, mask, slots, cache: StaticKVCache | None):
+    def forward(self, x, cos, sin, plan: AttentionPlan, slots, cache: StaticKVCache | None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
-        out = None
-        if cache is not None:  # without a cache (training) the keys are just this sequence's
-            chunk_k, chunk_v = k, v
-            k, v = cache.update(self.layer_idx, slots, k, v)  # (B, nkv, max_len, hd)
-            if cache.flash is not None:
-                out = flash_attention(cache.flash, q, chunk_k, chunk_v, cache, self.layer_idx, slots)
-        if out is None:
-            out = grouped_attention(q, k, v, mask)
+        # Without a cache (training) the keys are just this sequence's.
+        cached = cache.update(self.layer_idx, slots, k, v) if cache is not None else (k, v)  # (B, nkv, S, hd)
+        out = attend(plan, q, (k, v), cached)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -245,6 +155,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, slots, cache: StaticKVCache | None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache)
+    def forward(self, x, cos, sin, plan: AttentionPlan, slots, cache: StaticKVCache | None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, slots, cache)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -12,14 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import (
-    DecoderLayer,
-    RMSNorm,
-    RotaryEmbedding,
-    StaticKVCache,
-    causal_mask,
-    flash_attn_module,
-)
+from .attention import AttentionPlan, causal_mask, flash_kernels
+from .backbone import DecoderLayer, RMSNorm, RotaryEmbedding, StaticKVCache
 from .config import NextStepConfig
 from .flow_head import FlowMatchingHead
 from .quantize import check_quantization, quantize_linear, quantized_linears
@@ -127,19 +121,21 @@ class NextStepModel(nn.Module):
         valid: torch.Tensor,
         cache: StaticKVCache | None,
         positions: torch.Tensor | None = None,
+        prompt_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder over ``embeds`` (B, T, hidden) stored at cache ``slots`` (T,).
 
-        valid: (B, T) bool, False for padding. positions: (B, T) rotary positions, by default the
+        valid: (B, T) bool, False for padding; ``prompt_valid``, the same on the host for a prefill
+        from slot 0 (``StaticKVCache.plan``). positions: (B, T) rotary positions, by default the
         slots (as in the reference, left padding does not shift positions). Returns the
         final-normed hidden states (B, T, hidden). ``cache=None`` (training) attends causally
         within ``embeds`` alone and stores nothing.
         """
-        mask = cache.mark(slots, valid) if cache is not None else causal_mask(valid)
+        plan = cache.plan(slots, valid, prompt_valid) if cache is not None else AttentionPlan(mask=causal_mask(valid))
         cos, sin = self.rotary_emb(embeds, slots[None] if positions is None else positions)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, slots, cache)
+            x = layer(x, cos, sin, plan, slots, cache)
         return self.norm(x)
 
     def condition(self, hidden: torch.Tensor, token_index: int | torch.Tensor | None) -> torch.Tensor:
@@ -153,5 +149,5 @@ class NextStepModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
         """The cache the token loop attends through: flash-attn 2 where it is installed and serves
         this device and dtype (unless ``use_flash_attention`` is off), else SDPA."""
-        flash = flash_attn_module(self.device, self.dtype) if self.use_flash_attention else None
-        return StaticKVCache(self.config, batch_size, max_len, self.device, self.dtype, flash=flash)
+        kernels = flash_kernels(self.device, self.dtype) if self.use_flash_attention else None
+        return StaticKVCache(self.config, batch_size, max_len, self.device, self.dtype, kernels=kernels)

@@ -31,13 +31,12 @@ from ..engine.prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
 from ..engine.sampling import sample_token
 from ..engine.settings import GenerationRequest, add_setting_flags, given_settings
 from ..engine.sizes import Size
-from ..engine.token_loop import decode_step
 from ..engine.vocab import build_tokenizer
 from ..loading.devices import pick_dtype, set_threads
 from ..loading.hub import CONFIG_FILES, resolve_directory
 from ..loading.memory import MemoryPlan, Workload, one_request, plan
 from ..loading.options import add_runtime_flags, runtime_options
-from ..models.backbone import attention_mask, flash_attn_module
+from ..models.attention import AttentionPlan, attention_mask, flash_kernels
 from ..models.config import NextStepConfig
 from ..models.model import NextStepModel
 from ..models.tokens import normalize_tokens
@@ -219,17 +218,16 @@ def timed_on_page(scheduler: Scheduler, work: tuple, settings: dict, preview: st
 class GrowingKVCache:
     """The plain loop's cache: keys and values concatenated one token at a time."""
 
-    flash = None  # the plain loop attends with SDPA
 
     def __init__(self, layers: int):
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
         self.key_valid: torch.Tensor | None = None
 
-    def mark(self, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def plan(self, slots: torch.Tensor, valid: torch.Tensor, prompt_valid=None) -> AttentionPlan:
         self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
         key_slots = torch.arange(self.key_valid.shape[1], device=valid.device)
-        return attention_mask(slots, key_slots, self.key_valid)
+        return AttentionPlan(mask=attention_mask(slots, key_slots, self.key_valid))  # SDPA, as plain as it gets
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.keys[layer] is None:
@@ -287,8 +285,7 @@ def bench_pipeline(args, quantize: str | None) -> NextStepPipeline:
 
 def run(args) -> dict:
     pipe = bench_pipeline(args, args.quantize)
-    if args.compile:
-        pipe.compile()
+    pipe.compile(args.step)
     # The model's defaults (as the page and the CLI start from), then the flags.
     settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
     size = pipe.engine.request(PROMPT, **settings).size
@@ -319,7 +316,7 @@ def run(args) -> dict:
         rows=prompt_rows.shape[0], size=size.value, tokens=tokens,
         num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, sampler=request.sampler,
         preview=args.preview,
-        preview_every=args.preview_every, threads=torch.get_num_threads(), compiled=args.compile,
+        preview_every=args.preview_every, threads=torch.get_num_threads(), step=args.step,
         seconds_per_image=plain["seconds"],
         seconds_per_image_with_previews=with_previews["seconds"],
         ms_per_token=1000 * plain["seconds"] / tokens,
@@ -359,7 +356,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"model               {report['model']}  ({report['device']}, {report['dtype']}"
         f"{', weights ' + report['quantize'] if report['quantize'] else ''}, {report['threads']} threads"
-        f"{', compiled' if report['compiled'] else ''})",
+        f", step {report['step']})",
         f"image               {'edit, ' if report['edit'] else ''}{report['size']}, {report['tokens']} tokens, "
         f"{report['rows']} backbone rows, {report['num_sampling_steps']} steps, cfg {report['cfg']}, "
         f"sampler {report['sampler']}",
@@ -414,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args.config = args.config or "tiny"
     options = runtime_options(args)
     args.device, args.dtype = options.torch_device, str(options.torch_dtype).removeprefix("torch.")
+    args.step = "eager" if options.step == "auto" else options.step  # the bench times what it is told
     set_threads(args.device, args.threads)
     if args.plan:
         memory = plan_of(args)
@@ -475,7 +473,7 @@ def acceptance(args) -> dict:
         engine = pipe.engine
         settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
         size = engine.request(PROMPT, **settings).size
-        attentions = ["sdpa"] + (["flash"] if flash_attn_module(pipe.device, pipe.model.dtype) else [])
+        attentions = ["sdpa"] + (["flash"] if flash_kernels(pipe.device, pipe.model.dtype) else [])
         for work in ((PROMPT, None), (INSTRUCTION, edit_input(size))):
             request = engine.request(*work, **settings)
             tokens = request.tokens
@@ -483,9 +481,7 @@ def acceptance(args) -> dict:
                 pipe.model.use_flash_attention = attention == "flash"
                 eager = None
                 for variant in ("eager", "compiled"):
-                    engine.step, engine.cuda_graph = decode_step, False
-                    if variant == "compiled":
-                        engine.compile(cuda_graph=pipe.device.type == "cuda")
+                    pipe.compile(variant)
                     _synchronize(pipe.device)
                     warm_start = time.perf_counter()
                     timed_generation(pipe, work, settings, args.preview, args.preview_every)  # compiles, captures

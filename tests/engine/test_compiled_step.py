@@ -1,21 +1,24 @@
-"""The per-token step is one static function: ``torch.compile(fullgraph=True)`` takes it whole,
-compiles it once for a batch shape (not once per token), and samples the tokens the eager step
-samples; the fixtures' full generations come out the same with the compiled step."""
+"""The per-token step is one static function: ``torch.compile(fullgraph=True)`` takes it whole
+(flash-attn's kernels included, as custom ops), compiles it once for a batch shape (not once per
+token), and samples the tokens the eager step samples; every batch of a shape reuses one static
+state; a compile in the background changes no token; the fixtures' full generations come out the
+same with the compiled step."""
 
 import pytest
 import torch
 
 from nextstep import NextStepPipeline
 from nextstep.engine.sampling import noise_draws, time_grid
+from nextstep.engine.steps import StepRunner
 from nextstep.engine.token_loop import (
+    CACHE_SLOTS_MULTIPLE,
     BatchDecoder,
     DecodeJob,
-    compile_step,
     decode_step,
 )
-from nextstep.models.backbone import CACHE_SLOTS_MULTIPLE
 
 from ..conftest import TINY, TINY11, api_kwargs, images_as_array, load_case
+from ..models.test_flash_attention import STAND_IN
 
 TOKEN_TOL = 1e-4  # the parity tolerance
 
@@ -42,22 +45,26 @@ def job(model, prompt_length: int, sampler: str, seed: int, grid=(2, 2), steps=3
     )
 
 
-def decode(model, jobs, step, cuda_graph=False) -> list[torch.Tensor]:
-    decoder = BatchDecoder(model, jobs, position_table=True, step=step, cuda_graph=cuda_graph)
+def decode(model, jobs, runner: StepRunner) -> list[torch.Tensor]:
+    decoder = BatchDecoder(model, jobs, True, runner)
     while not decoder.finished:
         decoder.step()
+    decoder.release()
     return [job.tokens for job in jobs]
+
+
+EAGER = StepRunner(decode_step)
 
 
 @pytest.mark.parametrize("sampler, branches", [("v1", 2), ("sde", 3)])
 def test_the_step_compiles_whole_once_per_batch_shape_and_matches_eager(tiny_pipe, sampler, branches):
     model = tiny_pipe.model
-    compiled = compile_step()  # fullgraph: a graph break anywhere in the step is an error
+    compiled = StepRunner(decode_step, "compiled")  # fullgraph: a graph break anywhere in the step is an error
     before = compiled_step_graphs()
     # Two decoders of one batch shape: prompt lengths in one cache bucket, other noise and guidance.
     for length, seed in [(7, 0), (9, 1)]:
         assert (length + 4) // CACHE_SLOTS_MULTIPLE == 0  # the same cache length for both
-        eager = decode(model, [job(model, length, sampler, seed, branches=branches)], decode_step)
+        eager = decode(model, [job(model, length, sampler, seed, branches=branches)], EAGER)
         fast = decode(model, [job(model, length, sampler, seed, branches=branches)], compiled)
         assert (fast[0] - eager[0]).abs().max() <= TOKEN_TOL
         assert fast[0].abs().sum() > 0  # every token written
@@ -66,31 +73,77 @@ def test_the_step_compiles_whole_once_per_batch_shape_and_matches_eager(tiny_pip
 
 def test_compiled_batch_with_a_dropped_job_matches_eager(tiny_pipe):
     model = tiny_pipe.model
-    compiled = compile_step()
 
-    def run(step):
+    def run(runner):
         jobs = [job(model, 6, "v1", seed, images=1) for seed in (3, 4)]
-        decoder = BatchDecoder(model, jobs, True, step=step)
+        decoder = BatchDecoder(model, jobs, True, runner)
         while not decoder.finished:
             if decoder.step() == 1:
                 decoder.drop(jobs[0])
+        decoder.release()
         return [j.tokens for j in jobs]
 
-    eager, fast = run(decode_step), run(compiled)
+    eager, fast = run(EAGER), run(StepRunner(decode_step, "compiled"))
     assert torch.all(eager[0][:, 2:] == 0) and torch.all(fast[0][:, 2:] == 0)  # dropped after token 1
     for mine, expected in zip(fast, eager):
         assert (mine - expected).abs().max() <= TOKEN_TOL
 
 
+def test_the_step_with_flash_kernels_compiles_whole_and_matches_eager(tiny_pipe):
+    """The decode kernel (here a plain-torch stand-in, registered as the flash ones are) is one
+    operation of the fullgraph compile, and the tokens are SDPA's."""
+    model = tiny_pipe.model
+    eager = decode(model, [job(model, 7, "v1", 5)], EAGER)
+    model.new_cache = lambda batch, slots, original=model.new_cache: _with_kernels(original(batch, slots))
+    try:
+        fast = decode(model, [job(model, 7, "v1", 5)], StepRunner(decode_step, "compiled"))
+    finally:
+        del model.new_cache
+    assert (fast[0] - eager[0]).abs().max() <= TOKEN_TOL
+
+
+def _with_kernels(cache):
+    cache.kernels = STAND_IN
+    return cache
+
+
+def test_every_batch_of_a_shape_refills_one_static_state_and_keeps_its_own_tokens(tiny_pipe):
+    model, runner = tiny_pipe.model, StepRunner(decode_step)
+    first, second = job(model, 7, "v1", 0), job(model, 9, "v1", 1)  # one cache bucket: one shape
+    decoders = []
+    for decoding in (first, second):
+        decoder = BatchDecoder(model, [decoding], True, runner)
+        while not decoder.finished:
+            decoder.step()
+        decoder.release()
+        decoders.append(decoder)
+    assert decoders[0].static is decoders[1].static, "the second batch reused the first one's state"
+    alone = decode(model, [job(model, 7, "v1", 0)], StepRunner(decode_step))
+    assert torch.equal(first.tokens, alone[0]), "the first batch's tokens outlived the second batch"
+
+
+def test_a_background_compile_changes_no_token(tiny_pipe):
+    """Served eagerly while its shape compiles, then compiled: the same tokens."""
+    model, runner = tiny_pipe.model, StepRunner(decode_step, "background")
+    before = decode(model, [job(model, 7, "sde", 2)], runner)  # asks for the compile, served eagerly
+    [shape] = runner.store._steps
+    assert runner.compiler.wait(shape, timeout=900), "the compile finished"
+    graphs = compiled_step_graphs()
+    after = decode(model, [job(model, 7, "sde", 2)], runner)
+    assert compiled_step_graphs() == graphs, "the compiled step served: no new compile"
+    assert (after[0] - before[0]).abs().max() <= TOKEN_TOL
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_step_captured_as_a_cuda_graph_matches_eager(compiled):
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_the_step_captured_as_a_cuda_graph_matches_eager(mode):
     model = NextStepPipeline.from_pretrained(TINY / "model", vae=TINY / "vae", device="cuda").model
-    step = compile_step() if compiled else decode_step
+    runner = StepRunner(decode_step, mode, cuda_graphs=True)
     for sampler in ("v1", "sde"):
-        eager = decode(model, [job(model, 7, sampler, 0)], decode_step)
-        replayed = decode(model, [job(model, 7, sampler, 0)], step, cuda_graph=True)
-        assert (replayed[0] - eager[0]).abs().max() <= TOKEN_TOL
+        for seed in (0, 1):  # the second batch of the shape replays the first one's graph
+            eager = decode(model, [job(model, 7, sampler, seed)], EAGER)
+            replayed = decode(model, [job(model, 7, sampler, seed)], runner)
+            assert (replayed[0] - eager[0]).abs().max() <= TOKEN_TOL
 
 
 CASES = [(TINY, "t2i_cfg"), (TINY, "t2i_nocfg"), (TINY, "edit")] + [

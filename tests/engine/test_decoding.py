@@ -78,4 +78,4 @@ def test_jobs_with_different_settings_are_refused_together(tiny_pipe):
     first = engine.prepare(engine.request(**SETTINGS[0], **COMMON))
     second = engine.prepare(engine.request(**SETTINGS[2], **dict(COMMON, num_sampling_steps=5)))
     with pytest.raises(ValueError, match="share"):
-        BatchDecoder(tiny_pipe.model, [first, second], position_table=False)
+        BatchDecoder(tiny_pipe.model, [first, second], False, tiny_pipe.engine.runner)

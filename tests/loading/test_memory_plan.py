@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nextstep import NextStepPipeline
+from nextstep.engine.token_loop import cache_slots
 from nextstep.loading.checkpoints import Checkpoint, load_model
 from nextstep.loading.memory import (
     GIB,
@@ -20,9 +21,10 @@ from nextstep.loading.memory import (
     free_memory,
     parse_bytes,
     plan,
+    prefill_bytes,
     prompt_tokens,
+    vae_working_bytes,
 )
-from nextstep.models.backbone import cache_slots
 from nextstep.models.config import NextStepConfig
 from nextstep.models.vae import VAEConfig
 from nextstep.tools import bench
@@ -86,8 +88,8 @@ def test_a_model_that_does_not_fit_is_refused_with_the_need_the_free_memory_and_
     with pytest.raises(NotEnoughMemoryError) as caught:
         result.check(free)
     message = str(caught.value)
-    assert "NextStep-1-Large" in message and "peak 31." in message and "22.00 GiB is free" in message
-    assert "--quantize int8 (needs 19." in message and "smaller request" in message
+    assert "NextStep-1-Large" in message and "peak 32." in message and "22.00 GiB is free" in message
+    assert "--quantize int8 (needs 20." in message and "smaller request" in message
     assert isinstance(caught.value, ValueError)  # front ends show ValueErrors as messages
     plan(config, vae, torch.bfloat16, "int8", "cpu", Workload.edit()).check(free)  # the option it names fits
 
@@ -170,3 +172,14 @@ def test_the_bench_prints_the_plan_of_the_real_shape(capsys):
     fields = json.loads(capsys.readouterr().out)
     assert fields["weights_gib"] == pytest.approx(26.41, abs=0.01)
     assert fields["peak_gib"] > fields["weights_gib"] + fields["kv_cache_gib"]
+
+
+def test_a_gpu_plan_counts_the_cuda_context_and_a_decode_beside_the_prefill():
+    config, vae = large_config()
+    on_cpu = plan(config, vae, torch.bfloat16, None, "cpu", Workload.text_to_image())
+    on_gpu = plan(config, vae, torch.bfloat16, None, "cuda", Workload.text_to_image())
+    assert on_gpu.peak_bytes - on_cpu.peak_bytes == GIB and "CUDA context 1.00 GiB" in on_gpu.describe()
+    workload = Workload.text_to_image()
+    assert on_cpu.working_bytes == (prefill_bytes(config, vae, workload, 2, None)
+                                    + vae_working_bytes(vae, workload, 2))
+

@@ -68,7 +68,9 @@ from ..conftest import deliver_previews_before_next_token  # noqa: E402
 
 def main(model: str, vae: str, port: int) -> None:
     torch.set_num_threads(1)  # the CPU policy of the tests (the "GPU" here is the CPU)
-    services = app.serve_models(RuntimeOptions(model=model, vae=vae, dtype="float32"), frame_interval=0.0)
+    # The "GPU" here is the CPU, where no CUDA graph can be captured: the eager step (ZeroGPU runs "graph").
+    options = RuntimeOptions(model=model, vae=vae, dtype="float32", step="eager")
+    services = app.serve_models(options, frame_interval=0.0)
     deliver_previews_before_next_token(services.generator.pipe.engine)  # as many previews on any machine
     # Examples, so that the test sees none of them run at start-up (they are cached lazily).
     services.examples = {"text_to_image": SHAPES_EXAMPLES, "edit": SHAPES_EXAMPLES}
