@@ -43,9 +43,9 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(shift, 1 + scale, gate) for the time+condition vectors y (..., width)."""
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+    def modulation(self, activated: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, 1 + scale, gate) for the time+condition vectors, SiLU already applied (..., width)."""
+        shift, scale, gate = self.adaLN_modulation[1](activated).chunk(3, dim=-1)
         return shift, 1 + scale, gate
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -60,9 +60,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(shift, 1 + scale) for the time+condition vectors y (..., width)."""
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+    def modulation(self, activated: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, 1 + scale) for the time+condition vectors, SiLU already applied (..., width)."""
+        shift, scale = self.adaLN_modulation[1](activated).chunk(2, dim=-1)
         return shift, 1 + scale
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,11 @@ class VelocityNet(nn.Module):
         return self.forward_modulated(x, self.modulations(self.time_embed(t) + self.cond_embed(c)))
 
     def modulations(self, y: torch.Tensor) -> Modulations:
-        """Every layer's modulation for the summed time and condition embeddings y (..., width)."""
-        return [block.modulation(y) for block in self.res_blocks] + [self.final_layer.modulation(y)]
+        """Every layer's modulation for the summed time and condition embeddings y (..., width).
+        Each layer's ``adaLN_modulation`` is SiLU then a linear map: the SiLU, the same for all of
+        them, is applied once."""
+        activated = F.silu(y)
+        return [block.modulation(activated) for block in self.res_blocks] + [self.final_layer.modulation(activated)]
 
     def forward_modulated(self, x: torch.Tensor, modulations: Modulations) -> torch.Tensor:
         """The velocity at x (B, token_dim) given ``modulations`` whose rows match x's."""

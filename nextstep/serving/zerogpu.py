@@ -26,21 +26,10 @@ from dataclasses import dataclass, field
 
 from ..engine.core import check_preview
 from ..engine.settings import GenerationRequest
-from ..models.model import NextStepModel
 from ..pipeline import NextStepPipeline
+from .reservation import Reservation
 from .service import FrameThrottle, ModelFacts, Order, Progress
 
-# What a GPU task costs, in seconds on the default ("large") slice of the H200 that spaces'
-# durations are calibrated on (spaces scales them for other hardware: by 1.5 on half an RTX Pro
-# 6000). Estimates from the hardware's figures, not yet measured on a GPU: the token loop is bound
-# by reading the weights (the backbone's once per token, the flow head's once per sampling step)
-# and, run eagerly, by launching each layer's kernels.
-BANDWIDTH = 1.5e12  # bytes of weights read per second: ~60% of a 3g.71gb slice's 2.4 TB/s
-FLOPS = 2e14  # bf16 matrix FLOP/s: ~half of the slice's dense peak
-LAYER_SECONDS = 2e-4  # launching one residual block's ~20 kernels, eagerly, at ~10 µs each
-MOVE_BANDWIDTH = 2e9  # bytes per second a fresh worker reads the weights into the GPU (spaces' offload file)
-START_SECONDS = 10.0  # forking the worker, CUDA's start-up, and the final VAE decode
-MARGIN = 1.5  # on the whole estimate: a task that outlives its reservation may be aborted
 # The longest task the page asks for: a free account's whole daily ZeroGPU quota (5 minutes), so a
 # longer one could never run for most visitors. The per-visitor caps are not published; spaces
 # reports the tighter ones (an anonymous visitor's 2 minutes, what is left today) in its own words.
@@ -55,50 +44,6 @@ def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
-@dataclass(frozen=True)
-class ModelCost:
-    """What one loaded model's token loop reads and computes (``gpu_seconds``' inputs)."""
-
-    backbone_bytes: int
-    head_bytes: int
-    backbone_params: int
-    head_params: int
-    backbone_layers: int
-    head_layers: int
-
-    @classmethod
-    def of(cls, model: NextStepModel) -> ModelCost:
-        config = model.config
-        head = list(model.image_head.parameters())
-        rest = [p for name, p in model.named_parameters() if not name.startswith("image_head.")]
-        return cls(
-            backbone_bytes=sum(p.numel() * p.element_size() for p in rest),
-            head_bytes=sum(p.numel() * p.element_size() for p in head),
-            backbone_params=sum(p.numel() for p in rest),
-            head_params=sum(p.numel() for p in head),
-            backbone_layers=config.num_hidden_layers,
-            head_layers=config.fm_head_layers,
-        )
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.backbone_bytes + self.head_bytes
-
-
-def gpu_seconds(cost: ModelCost, request: GenerationRequest, moved_bytes: int) -> int:
-    """The GPU time to reserve for ``request`` on the model ``cost`` describes, in a worker that
-    may first have to move ``moved_bytes`` of weights in."""
-    steps, rows, tokens = request.num_sampling_steps, request.rows, request.tokens
-    per_token = (
-        (cost.backbone_bytes + steps * cost.head_bytes) / BANDWIDTH
-        + 2 * (cost.backbone_params + steps * cost.head_params) * rows / FLOPS
-        + (cost.backbone_layers + steps * cost.head_layers) * LAYER_SECONDS
-    )
-    prefill = 2 * cost.backbone_params * rows * (tokens if request.edit else 0) / FLOPS  # the inlined input image
-    estimate = START_SECONDS + moved_bytes / MOVE_BANDWIDTH + prefill + tokens * per_token
-    return round(MARGIN * estimate)
-
-
 class GpuTask:
     """The one GPU task of a ZeroGPU Space: ``run`` is ``frames`` decorated by ``gpu`` (``spaces.GPU``)
     with ``duration`` as its reservation, for every model in ``pipes`` (indexed by position)."""
@@ -106,13 +51,13 @@ class GpuTask:
     def __init__(self, pipes: list[NextStepPipeline], frame_interval: float, gpu: Callable, size: str | None = None):
         self.pipes = pipes
         self.frame_interval = frame_interval
-        self.costs = [ModelCost.of(pipe.model) for pipe in pipes]
-        self.moved_bytes = sum(cost.weight_bytes for cost in self.costs)  # a fresh worker moves every model
+        graph = all(pipe.engine.runner.cuda_graphs for pipe in pipes)
+        self.reservation = Reservation([pipe.model for pipe in pipes], graph)
         self.run = gpu(self.frames, duration=self.duration, size=size)
 
     def duration(self, model: int, request: GenerationRequest, preview: str, preview_every: int) -> int:
         """Seconds to reserve for one ``frames`` call (spaces passes it the same arguments)."""
-        return gpu_seconds(self.costs[model], request, self.moved_bytes)
+        return self.reservation.seconds(model, request)
 
     def frames(
         self, model: int, request: GenerationRequest, preview: str, preview_every: int,
@@ -219,6 +164,8 @@ class GpuService(ModelFacts):
                     raise frame
                 if ticket.cancelled:
                     break
+                if frame.result is not None and frame.done:  # what the task took per token, for the next reservation
+                    self.task.reservation.calibrate(self.model, ticket.request, frame.elapsed / frame.done)
                 post(frame)
         except Exception as error:  # noqa: BLE001 - spaces' messages (quota, queue, aborted task) are for users
             post(error)

@@ -27,77 +27,24 @@ from PIL import Image
 
 from ..engine.core import Hooks, Run
 from ..engine.preview import PREVIEW_MODES, PreviewWorker
-from ..engine.prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
 from ..engine.sampling import sample_token
 from ..engine.settings import GenerationRequest, add_setting_flags, given_settings
 from ..engine.sizes import Size
-from ..engine.vocab import build_tokenizer
 from ..loading.devices import pick_dtype, set_threads
-from ..loading.hub import CONFIG_FILES, resolve_directory
-from ..loading.memory import MemoryPlan, Workload, one_request, plan
 from ..loading.options import add_runtime_flags, runtime_options
 from ..models.attention import AttentionPlan, attention_mask, flash_kernels
-from ..models.config import NextStepConfig
-from ..models.model import NextStepModel
 from ..models.tokens import normalize_tokens
-from ..models.vae import AutoencoderKL, VAEConfig
 from ..pipeline import NextStepPipeline
 from ..serving.scheduler import Scheduler
 from ..serving.service import FRAME_INTERVAL
-
-PROMPT = "a large red circle in the top left corner of a blue background, high quality"
-NEGATIVE = "blurry, low quality"
-INSTRUCTION = "make the circle green"  # with --edit, of a synthetic picture (``edit_input``)
-_BACKBONE_BASE = dict(
-    attention_bias=True, o_attention_bias=False, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=8192
+from .plan import count_report, format_count, format_plan, plan_report
+from .shapes import (
+    CONFIGS,
+    INSTRUCTION,
+    NEGATIVE,
+    PROMPT,
+    random_pipeline,
 )
-CONFIGS = {
-    "tiny": (
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, fm_head_dim=32, fm_head_layers=2),
-        VAEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1),
-    ),
-    "small": (
-        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             intermediate_size=768, fm_head_dim=256, fm_head_layers=3),
-        VAEConfig(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1),
-    ),
-    # Qwen2.5-14B-shaped backbone, 1536 x 12 flow head and the release VAE, as NextStep-1-Large.
-    "nextstep-1-large": (
-        dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-             intermediate_size=13824, fm_head_dim=1536, fm_head_layers=12, vocab_size=152064),
-        VAEConfig(),
-    ),
-}
-
-
-def random_config(name: str) -> tuple[NextStepConfig, VAEConfig, object]:
-    """The named shape's model and VAE configs, and a small word-level tokenizer for the bench's prompts."""
-    backbone, vae_config = CONFIGS[name]
-    tokenizer = build_tokenizer(sorted(set(f"{PROMPT} {NEGATIVE} {INSTRUCTION}".replace(",", " ").split())))
-    config = NextStepConfig(
-        **_BACKBONE_BASE,
-        **dict(backbone, vocab_size=max(backbone.get("vocab_size", 0), len(tokenizer))),
-        boi=tokenizer.convert_tokens_to_ids(BEGIN_OF_IMAGE),
-        eoi=tokenizer.convert_tokens_to_ids(END_OF_IMAGE),
-        image_placeholder_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return config, vae_config, tokenizer
-
-
-def random_pipeline(name: str, device: str, dtype: torch.dtype, quantize: str | None = None) -> NextStepPipeline:
-    """A pipeline of the named shape with random weights and a small word-level tokenizer."""
-    config, vae_config, tokenizer = random_config(name)
-    model = NextStepModel.with_random_weights(config, device, dtype)
-    if quantize:
-        model.quantize_weights(quantize)
-    with torch.device("meta"):
-        vae = AutoencoderKL(vae_config).to(dtype)
-    vae.to_empty(device=device)
-    for parameter in vae.parameters():
-        parameter.data.normal_(0.0, 0.02)
-    return NextStepPipeline(model, vae.eval(), tokenizer, name=f"random {name}")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -399,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a 1-image request takes alone and batched with a 4-image one that "
                              "wants exact previews every token, on the page's scheduler")
     parser.add_argument("--plan", action="store_true",
-                        help="print the memory plan for the request instead (nothing is allocated)")
+                        help="print the memory plan for the request, and what a ZeroGPU task would reserve for it "
+                             "(nothing is allocated)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="print the operations one eager token dispatches, by part, counted on the meta device")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
     parser.add_argument("--repeat", type=int, default=5,
                         help="time each variant this many times, keep the best (previews off and on: in "
@@ -411,11 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     args.config = args.config or "tiny"
     options = runtime_options(args)
     args.device, args.dtype = options.torch_device, str(options.torch_dtype).removeprefix("torch.")
-    args.step = "eager" if options.step == "auto" else options.step  # the bench times what it is told
+    # The bench times the step it is told (eager by default); a plan's ZeroGPU reservation is for
+    # ZeroGPU's default step, a replayed CUDA graph, unless told eager.
+    args.step, args.zero_gpu_graph = ("eager" if options.step == "auto" else options.step), options.step != "eager"
     set_threads(args.device, args.threads)
-    if args.plan:
-        memory = plan_of(args)
-        print(json.dumps(memory.to_dict()) if args.json else memory.describe())
+    if args.plan or args.count_ops:
+        dtype = pick_dtype(args.dtype, args.device)
+        report = plan_report(args, dtype) if args.plan else count_report(args, dtype)
+        print(json.dumps(report) if args.json else (format_plan if args.plan else format_count)(report))
         return 0
     if args.acceptance:
         report = acceptance(args)
@@ -517,22 +470,6 @@ def format_acceptance(report: dict) -> str:
             f"{row['peak_memory_mb']:>7.0f}  {row['max_token_difference_vs_eager']:.1e}"
         )
     return "\n".join(lines)
-
-
-def plan_of(args) -> MemoryPlan:
-    """The memory plan of the bench's request, from configs alone."""
-    dtype = pick_dtype(args.dtype, args.device)
-    if args.model:
-        config = NextStepConfig.from_pretrained(resolve_directory(args.model, "model", files=CONFIG_FILES))
-        vae_config, name = None, args.model
-    else:
-        config, vae_config, _ = random_config(args.config)
-        name = args.config
-    default = one_request(config, vae_config)
-    size = Size.parse(args.size) if args.size else default.size
-    images = int(args.num_images or 1)
-    workload = Workload.edit(size, images) if args.edit else Workload.text_to_image(size, images)
-    return plan(config, vae_config, dtype, args.quantize, args.device, workload, name=name)
 
 
 if __name__ == "__main__":

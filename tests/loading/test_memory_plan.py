@@ -28,7 +28,7 @@ from nextstep.loading.memory import (
 from nextstep.models.config import NextStepConfig
 from nextstep.models.vae import VAEConfig
 from nextstep.tools import bench
-from nextstep.tools.bench import _BACKBONE_BASE, CONFIGS
+from nextstep.tools.shapes import _BACKBONE_BASE, CONFIGS
 
 from ..conftest import ROOT, TINY
 
@@ -172,6 +172,7 @@ def test_the_bench_prints_the_plan_of_the_real_shape(capsys):
     fields = json.loads(capsys.readouterr().out)
     assert fields["weights_gib"] == pytest.approx(26.41, abs=0.01)
     assert fields["peak_gib"] > fields["weights_gib"] + fields["kv_cache_gib"]
+    assert fields["zerogpu_seconds"] == fields["zerogpu_basis"]["seconds"] > 0
 
 
 def test_a_gpu_plan_counts_the_cuda_context_and_a_decode_beside_the_prefill():
@@ -183,3 +184,11 @@ def test_a_gpu_plan_counts_the_cuda_context_and_a_decode_beside_the_prefill():
     assert on_cpu.working_bytes == (prefill_bytes(config, vae, workload, 2, None)
                                     + vae_working_bytes(vae, workload, 2))
 
+
+
+def test_the_bench_counts_the_operations_of_a_token(capsys):
+    assert bench.main(["--config", "tiny", "--count-ops", "--num-sampling-steps", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    operations = report["operations"]
+    assert operations["total"] == operations["backbone"] + operations["head"] + operations["sampler"] > 0
+    assert report["request"] == dict(sampler="v1", num_sampling_steps=3, rows=2)
