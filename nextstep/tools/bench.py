@@ -11,7 +11,6 @@ evaluated from scratch at every step, tokens gathered in a list) and reports the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import resource
@@ -32,7 +31,7 @@ from ..engine.settings import GenerationRequest, add_setting_flags, given_settin
 from ..engine.sizes import Size
 from ..loading.devices import pick_dtype, set_threads
 from ..loading.options import add_runtime_flags, runtime_options
-from ..models.attention import AttentionPlan, attention_mask, flash_kernels
+from ..models.attention import AttentionPlan, attention_mask
 from ..models.tokens import normalize_tokens
 from ..pipeline import NextStepPipeline
 from ..serving.scheduler import Scheduler
@@ -339,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview", choices=list(PREVIEW_MODES), default="fast")
     parser.add_argument("--preview-every", type=int, default=8)
     parser.add_argument("--edit", action="store_true", help="an edit of a synthetic picture (3 guidance rows)")
-    parser.add_argument("--acceptance", action="store_true",
-                        help="the GPU acceptance run: text-to-image and edit, eager and compiled, SDPA and "
-                             "flash-attn (if installed), unquantized and int8 (if torchao is)")
     parser.add_argument("--fairness", action="store_true",
                         help="how long a 1-image request takes alone and batched with a 4-image one that "
                              "wants exact previews every token, on the page's scheduler")
@@ -369,10 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         dtype = pick_dtype(args.dtype, args.device)
         report = plan_report(args, dtype) if args.plan else count_report(args, dtype)
         print(json.dumps(report) if args.json else (format_plan if args.plan else format_count)(report))
-        return 0
-    if args.acceptance:
-        report = acceptance(args)
-        print(json.dumps(report) if args.json else format_acceptance(report))
         return 0
     if args.fairness:
         report = fairness(args)
@@ -412,64 +404,6 @@ def format_fairness(report: dict) -> str:
     return (f"{report['model']}, {report['size']}: a 1-image request takes {report['seconds_alone']:.2f} s alone and "
             f"{report['seconds_beside_expensive']:.2f} s beside a 4-image one with exact previews every token: "
             f"x{report['factor']:.2f}")
-
-
-def acceptance(args) -> dict:
-    """The GPU acceptance run: text-to-image and edit, each eager and with the compiled step
-    (captured as a CUDA graph on CUDA), with SDPA and, where installed, flash-attn, unquantized and
-    (with torchao) int8: seconds per image, ms per token, first preview, peak memory, and each
-    compiled run's largest token difference from the eager one with the same settings."""
-    quantizations = [None] + (["int8"] if importlib.util.find_spec("torchao") else [])
-    rows = []
-    for quantize in quantizations:
-        pipe = bench_pipeline(args, quantize)
-        engine = pipe.engine
-        settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
-        size = engine.request(PROMPT, **settings).size
-        attentions = ["sdpa"] + (["flash"] if flash_kernels(pipe.device, pipe.model.dtype) else [])
-        for work in ((PROMPT, None), (INSTRUCTION, edit_input(size))):
-            request = engine.request(*work, **settings)
-            tokens = request.tokens
-            for attention in attentions:
-                pipe.model.use_flash_attention = attention == "flash"
-                eager = None
-                for variant in ("eager", "compiled"):
-                    pipe.compile(variant)
-                    _synchronize(pipe.device)
-                    warm_start = time.perf_counter()
-                    timed_generation(pipe, work, settings, args.preview, args.preview_every)  # compiles, captures
-                    warm_up = time.perf_counter() - warm_start
-                    if pipe.device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(pipe.device)
-                    timing = timed_generation(pipe, work, settings, args.preview, args.preview_every)
-                    tokens_out = timing["result"].tokens
-                    eager = tokens_out if variant == "eager" else eager
-                    rows.append(dict(
-                        work="edit" if work[1] is not None else "text_to_image", rows=request.rows, quantize=quantize,
-                        attention=attention, variant=variant, seconds_per_image=timing["seconds"],
-                        ms_per_token=1000 * timing["seconds"] / tokens, first_preview_seconds=timing["first_preview"],
-                        warm_up_seconds=warm_up, peak_memory_mb=peak_memory_mb(pipe.device),
-                        max_token_difference_vs_eager=(tokens_out - eager).abs().max().item(),
-                    ))
-        del pipe, engine
-    return dict(model=args.model or f"random {args.config}", device=args.device, dtype=args.dtype, size=size.value,
-                num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, preview=args.preview, runs=rows)
-
-
-def format_acceptance(report: dict) -> str:
-    lines = [f"{report['model']} on {report['device']} ({report['dtype']}), {report['size']}, "
-             f"{report['num_sampling_steps']} steps, cfg {report['cfg']}, previews {report['preview']}",
-             "work           rows  weights  attention  variant    s/image  ms/token  1st preview  warm-up  "
-             "peak MB  max diff vs eager"]
-    for row in report["runs"]:
-        first = row["first_preview_seconds"]
-        lines.append(
-            f"{row['work']:<14} {row['rows']:>4}  {row['quantize'] or 'none':<7}  {row['attention']:<9}  "
-            f"{row['variant']:<9} {row['seconds_per_image']:>8.3f}  {row['ms_per_token']:>8.2f}  "
-            f"{'-' if first is None else f'{first:.3f} s':>11}  {row['warm_up_seconds']:>6.1f}s  "
-            f"{row['peak_memory_mb']:>7.0f}  {row['max_token_difference_vs_eager']:.1e}"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
