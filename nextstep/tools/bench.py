@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fairness", action="store_true",
                         help="how long a 1-image request takes alone and batched with a 4-image one that "
                              "wants exact previews every token, on the page's scheduler")
+    parser.add_argument("--break-even", action="store_true",
+                        help="whether compiling the step pays here: eager and compiled seconds per image, the "
+                             "compile's cost (with the inductor cache as it is) and the images that repay it")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory plan for the request, and what a ZeroGPU task would reserve for it "
                              "(nothing is allocated)")
@@ -366,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         report = plan_report(args, dtype) if args.plan else count_report(args, dtype)
         print(json.dumps(report) if args.json else (format_plan if args.plan else format_count)(report))
         return 0
+    if args.break_even:
+        report = break_even(args)
+        print(json.dumps(report) if args.json else format_break_even(report))
+        return 0
     if args.fairness:
         report = fairness(args)
         print(json.dumps(report) if args.json else format_fairness(report))
@@ -373,6 +380,36 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def break_even(args) -> dict:
+    """Eager seconds per image (best of ``--repeat``, after a warm-up), then with the compiled step:
+    the first generation (the compile included) and the best of ``--repeat``; the compile's cost
+    over what it saves per image is the number of images after which it has paid for itself."""
+    pipe = bench_pipeline(args, args.quantize)
+    settings = dict(dict(negative_prompt=NEGATIVE, seed=0), **given_settings(args))
+
+    def seconds() -> float:
+        return timed_generation(pipe, (PROMPT, None), settings, "none", 8)["seconds"]
+
+    seconds()  # warm-up
+    eager = min(seconds() for _ in range(args.repeat))
+    pipe.compile("compiled")
+    first = seconds()
+    compiled = min(seconds() for _ in range(args.repeat))
+    saving = eager - compiled
+    return dict(model=pipe.name, size=pipe.engine.request(PROMPT, **settings).size.value,
+                eager_seconds_per_image=eager, compiled_seconds_per_image=compiled,
+                compile_seconds=first - compiled, speedup=eager / compiled,
+                break_even_images=(first - compiled) / saving if saving > 0 else None)
+
+
+def format_break_even(report: dict) -> str:
+    images = report["break_even_images"]
+    return (f"{report['model']}, {report['size']}: eager {report['eager_seconds_per_image']:.3f} s per image, "
+            f"compiled {report['compiled_seconds_per_image']:.3f} s (x{report['speedup']:.2f}); the compile took "
+            f"{report['compile_seconds']:.1f} s and pays for itself after "
+            f"{'no number of' if images is None else f'{images:.0f}'} images")
 
 
 def fairness(args) -> dict:

@@ -57,3 +57,13 @@ def test_fairness_on_tiny(capsys):
                        "--fairness", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["seconds_alone"] > 0 and report["seconds_beside_expensive"] > 0 and report["factor"] > 0
+
+
+def test_break_even_on_tiny(capsys):
+    assert bench.main(["--config", "tiny", "--size", "32x32", "--num-sampling-steps", "4", "--cfg", "7.5",
+                       "--repeat", "1", "--break-even", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["eager_seconds_per_image"] > 0 and report["compiled_seconds_per_image"] > 0
+    images = report["break_even_images"]
+    assert images is None or images * (report["eager_seconds_per_image"] - report["compiled_seconds_per_image"]) \
+        == pytest.approx(report["compile_seconds"])
