@@ -2,7 +2,10 @@
 (flash-attn's kernels included, as custom ops), compiles it once for a batch shape (not once per
 token), and samples the tokens the eager step samples; every batch of a shape reuses one static
 state; a compile in the background changes no token; the fixtures' full generations come out the
-same with the compiled step."""
+same with the compiled step; the step exports whole and compiles ahead of time (AOTInductor)."""
+
+import copy
+import dataclasses
 
 import pytest
 import torch
@@ -172,3 +175,51 @@ def test_full_generations_with_the_compiled_step_match_the_fixtures(compiled_pip
     assert compiled_step_graphs() == before + 1  # the token loop ran the compiled step (a new shape)
     assert (result.tokens - ref["tokens"]).abs().max() <= TOKEN_TOL
     assert (images_as_array(result.images).int() - ref["image"].int()).abs().max() <= 1
+
+
+class ExportedStep(torch.nn.Module):
+    """``decode_step`` on a state given as flat tensors, as ``torch.export`` takes a module."""
+
+    def __init__(self, model, state, arguments):
+        super().__init__()
+        self.model, self.state, self.arguments = model, state, arguments
+
+    def forward(self, hidden, tokens, token, slot, positions, key_valid, *keys_and_values):
+        layers = len(keys_and_values) // 2
+        cache = copy.copy(self.state.cache)
+        cache.keys, cache.values, cache.key_valid = list(keys_and_values[:layers]), list(keys_and_values[layers:]), key_valid
+        state = dataclasses.replace(self.state, cache=cache, hidden=hidden, tokens=tokens, token=token, slot=slot,
+                                    positions=positions)
+        decode_step(self.model, state, *self.arguments)
+        return tokens
+
+
+def flat_state(state) -> tuple:
+    """The tensors a step writes, copied: ``ExportedStep``'s inputs."""
+    with torch.no_grad():
+        return tuple(tensor.clone() for tensor in (state.hidden, state.tokens, state.token, state.slot, state.positions,
+                                                   state.cache.key_valid, *state.cache.keys, *state.cache.values))
+
+
+@pytest.mark.slow  # an ahead-of-time compile: a minute on a 2-core machine
+def test_the_step_exports_and_its_ahead_of_time_compile_matches_eager(tiny_pipe, tmp_path):
+    """What spaces' AOTInductor path on ZeroGPU needs: the static step exported whole
+    (``torch.export``, state written in place) and compiled ahead of time by AOTInductor; its
+    package, loaded back, samples every token the eager step samples."""
+    model = tiny_pipe.model
+    decoder = BatchDecoder(model, [job(model, 7, "sde", 4)], True, EAGER)  # prefilled
+    state = dataclasses.replace(decoder.state, times=decoder.state.times.clone())  # not an inference tensor
+    step = ExportedStep(model, state, decoder._arguments)
+    eager, ahead = flat_state(state), flat_state(state)
+    with torch.no_grad():
+        exported = torch.export.export(step, flat_state(state), strict=False)
+    package = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "step.pt2")))
+    with torch.inference_mode():
+        for _ in range(decoder.total):
+            step(*eager)
+            package(*ahead)
+    decoder.release()
+    assert torch.equal(ahead[2], eager[2]) and int(ahead[2]) == decoder.total, "both advanced to the last token"
+    assert eager[1].abs().amin(dim=-1).gt(0).all(), "every token was written"
+    assert (ahead[1] - eager[1]).abs().max() <= TOKEN_TOL
