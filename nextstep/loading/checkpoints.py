@@ -161,15 +161,16 @@ def save_safetensors(module: nn.Module, directory: Path, dtype: torch.dtype | No
 
 def load_model(directory: Path, device="cpu", dtype=torch.float32, quantize: str | None = None) -> NextStepModel:
     """The NextStep model in ``directory``, built on the meta device, taking the checkpoint's tensors
-    one at a time. ``quantize`` ("int8" or "fp8", see ``nextstep.models.quantize``) quantizes each
-    backbone linear weight as soon as it is on the device, before the next one is read, so the
+    one at a time. ``quantize`` ("int8", "int4" or "fp8", see ``nextstep.models.quantize``) packs
+    each backbone linear weight as soon as it is on the device, before the next one is read, so the
     full-precision backbone is never held there."""
     directory = Path(directory)
     device = torch.device(device)
     check_quantization(quantize, device)
+    raw = json.loads((directory / "config.json").read_text())
     config = NextStepConfig.from_pretrained(directory)
     checkpoint = Checkpoint(directory)
-    if "o_attention_bias" not in json.loads((directory / "config.json").read_text()):
+    if "o_attention_bias" not in raw:
         # Officially a missing o_attention_bias follows attention_bias, and o_proj biases absent
         # from the file are zero-filled: the same numbers as no bias. Reading the choice from the
         # file gives the official result either way, stays strict about a partial set of biases,
@@ -177,18 +178,33 @@ def load_model(directory: Path, device="cpu", dtype=torch.float32, quantize: str
         config.o_attention_bias = any(key.endswith("self_attn.o_proj.bias") for key in checkpoint.shapes)
     with torch.device("meta"):
         model = NextStepModel(config)
-    to_quantize = {f"{name}.weight": linear for name, linear in quantized_linears(model).items()} if quantize else {}
-
-    def loaded(key: str) -> None:
-        if key in to_quantize:
-            quantize_linear(to_quantize[key], quantize)
-
+    loaded = _packing_hook(model, quantize)
     # NextStep-1 checkpoints carry the position table; NextStep-1.1 ones need not.
     keys = load_strict(model, checkpoint, f"checkpoint {directory}", device, dtype,
                        optional=frozenset({"gen_pos_embed"}), unused=UNUSED_KEYS, loaded=loaded)
     model.build_computed_buffers(device, keep_loaded="gen_pos_embed" in keys)
     model.quantization = quantize
     return model.eval()
+
+
+def _packing_hook(model: NextStepModel, quantize: str | None) -> Callable[[str], None] | None:
+    """What ``load_strict`` calls after each tensor: puts a layer's packed form in its place as
+    soon as all of the layer's tensors are in. None: nothing to pack."""
+    if quantize is None:
+        return None
+
+    def pack(name: str) -> None:
+        quantize_linear(model, name, quantize)
+
+    waiting = set(quantized_linears(model, quantize))
+
+    def loaded(key: str) -> None:
+        name = key.rpartition(".")[0]
+        if name in waiting and all(t.device.type != "meta" for t in model.get_submodule(name).state_dict().values()):
+            pack(name)
+            waiting.discard(name)
+
+    return loaded
 
 
 def save_model(model: NextStepModel, directory: Path) -> None:
