@@ -91,7 +91,8 @@ class NextStepPipeline:
         (relative to the model directory), else a ``vae/`` folder inside the model (where
         NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config; VAE
         config fields left out take that family's defaults. ``quantize`` ("int8", "int4", "fp8" or
-        None) quantizes the backbone's weights while they load (``nextstep.models.quantize``).
+        None) quantizes the backbone's weights while they load (``nextstep.models.quantize``); a
+        checkpoint stored in 4 bits (auto-round W4A16) loads as stored.
 
         Before any weight is read, the memory plan of one request (``nextstep.loading.memory.one_request``)
         is checked against the device's free memory: ``NotEnoughMemoryError`` names the need and the

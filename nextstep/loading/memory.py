@@ -3,7 +3,8 @@
 ``plan(config, vae, dtype, quantize, device, workload)`` counts, without allocating anything:
 
 * weights: every parameter and buffer of the model built on the meta device (``lm_head`` is never
-  built), quantized linear weights at their packed size, plus the VAE's;
+  built), quantized linear weights at their packed size (a checkpoint stored in 4 bits: the layers
+  its ``quantization_config`` names), plus the VAE's;
 * the KV cache of one batch: ``layers x rows x kv_heads x slots x head_dim`` keys and values,
   with ``slots`` the prompt and image tokens rounded up as the token loop allocates them;
 * the largest transient working set: the prefill of one decoder layer over the whole prompt
@@ -39,7 +40,8 @@ from ..models.quantize import (
     supported,
 )
 from ..models.vae import AutoencoderKL, VAEConfig
-from .checkpoints import read_vae_config
+from .autoround import StoredInt4, stored_quantization
+from .checkpoints import checkpoint_quantization, read_vae_config
 from .hub import CONFIG_FILES, resolve_directory
 
 GIB = 2**30
@@ -181,6 +183,7 @@ def plan(
     config = model if isinstance(model, NextStepConfig) else NextStepConfig.from_pretrained(Path(model))
     vae_config = _vae_config(vae)
     device = str(torch.device(device))
+    stored = stored_quantization(getattr(config, "quantization_config", None))
     with torch.device("meta"):
         network = NextStepModel(config)
         autoencoder = AutoencoderKL(vae_config)
@@ -191,8 +194,8 @@ def plan(
             device=device,
             models=(name or (Path(model).name if not isinstance(model, NextStepConfig) else "model"),),
             dtype=str(dtype).removeprefix("torch."),
-            quantize=choice,
-            weights_bytes=weight_bytes(network, dtype, choice),
+            quantize=stored.label if stored else choice,
+            weights_bytes=weight_bytes(network, dtype, choice, stored),
             vae_bytes=sum(t.numel() for t in autoencoder.parameters()) * size,
             kv_cache_bytes=kv_cache_bytes(config, vae_config, workload, size),
             working_bytes=max(
@@ -201,9 +204,10 @@ def plan(
             ),
         )
 
-    choices = [None] + [q for q in QUANTIZATIONS if supported(q, device)]
+    # A checkpoint stored quantized loads as stored: no other choice to name.
+    choices = [None] + ([] if stored else [q for q in QUANTIZATIONS if supported(q, device)])
     peaks = {choice: one(choice).peak_bytes for choice in choices}
-    return dataclasses.replace(one(quantize), peak_by_quantize=peaks)
+    return dataclasses.replace(one(None if stored else quantize), peak_by_quantize=peaks)
 
 
 def checkpoint_plan(
@@ -214,6 +218,7 @@ def checkpoint_plan(
     (given, or bundled in the model's), else at the release VAE's shape."""
     config_dir = resolve_directory(model, "model", files=CONFIG_FILES)
     config = NextStepConfig.from_pretrained(config_dir)
+    checkpoint_quantization(getattr(config, "quantization_config", None), quantize, device)
     local_vae = next((Path(d) for d in (vae, config_dir / "vae") if d is not None and Path(d).is_dir()), None)
     return plan(config, local_vae, dtype, quantize, device, one_request(config, local_vae), name=str(model))
 
@@ -226,16 +231,22 @@ def one_request(config: NextStepConfig, vae: VAEConfig | str | Path | None = Non
     return Workload.edit(size) if config.image_placeholder_id is not None else Workload.text_to_image(size)
 
 
-def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
+def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None,
+                 stored: StoredInt4 | None = None) -> int:
     """Bytes of a (meta-built) model's parameters and buffers once loaded in ``dtype``, quantized
-    linear weights at their packed size."""
-    return sum(tensor_bytes(model, dtype, quantize).values())
+    linear weights at their packed size (``stored``: as a checkpoint stored in 4 bits holds them)."""
+    return sum(tensor_bytes(model, dtype, quantize, stored).values())
 
 
-def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> dict[str, int]:
+def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None,
+                 stored: StoredInt4 | None = None) -> dict[str, int]:
     """``weight_bytes`` by parameter or buffer name."""
     size = torch.empty((), dtype=dtype).element_size()
-    packed = {f"{name}.weight": None for name in quantized_linears(model, quantize)} if quantize else {}
+    if stored is not None:
+        packed = {f"{name}.weight": stored.group_size for name in stored.linears(model)}
+        quantize = "int4"
+    else:
+        packed = {f"{name}.weight": None for name in quantized_linears(model, quantize)} if quantize else {}
     loaded = set(model.state_dict())  # computed buffers that are not stored (rotary tables) keep their dtype
     counted = {}
     for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -346,8 +357,10 @@ def _vae_config(vae: VAEConfig | str | Path | None) -> VAEConfig:
 def loading_refusal(directory: Path, device, dtype: torch.dtype, quantize: str | None) -> NotEnoughMemoryError:
     """The error for running out of memory while loading the checkpoint in ``directory`` (when no
     plan was checked first, or the plan was wrong)."""
+    config = NextStepConfig.from_pretrained(directory)
     with torch.device("meta"):
-        need = weight_bytes(NextStepModel(NextStepConfig.from_pretrained(directory)), dtype, quantize)
+        need = weight_bytes(NextStepModel(config), dtype, quantize,
+                            stored_quantization(getattr(config, "quantization_config", None)))
     free = free_memory(device)
     free_text = f"{_gib(free)} free now" if free is not None else "free memory unknown"
     what = f"{directory} ({str(dtype).removeprefix('torch.')})"

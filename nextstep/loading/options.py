@@ -57,7 +57,8 @@ _HELP = {
     "quantize": "quantize the backbone's weights while loading: int4 (half a byte a weight: NextStep-1-Large in "
                 "10 GiB; CPU, or CUDA GPUs of compute capability 8.0+), int8 (a byte a weight; any device, its packed "
                 "kernel on the CPU; on a GPU slower than none unless --compile), fp8 (a byte a weight, FP8 matrix "
-                "products: CUDA 8.9+; on the CPU slow, to check quality) [default: none]",
+                "products: CUDA 8.9+; on the CPU slow, to check quality). A checkpoint stored in 4 bits loads as "
+                "stored [default: none]",
     "threads": "CPU threads for torch [default: 1 on the CPU, where small models are bound by per-operation "
                "overhead and share the cores with the server]",
     "compile": "compile the per-token step (and capture it as a CUDA graph on CUDA): each batch shape compiles "
