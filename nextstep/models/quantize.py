@@ -251,6 +251,18 @@ def quantize_linear(model: nn.Module, name: str, quantize: str) -> None:
     model.set_submodule(name, SCHEMES[quantize].from_linear(model.get_submodule(name)))
 
 
+def held_weights(module: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of ``module``'s weights as held: a packed layer's weight counts as its
+    in x out parameters and the bytes of its packed tensors."""
+    count = sum(p.numel() for p in module.parameters())
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    for layer in module.modules():
+        if isinstance(layer, PackedLinear):
+            count += layer.in_features * layer.out_features
+            size += sum(b.numel() * b.element_size() for b in layer.buffers())
+    return count, size
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of ``model`` holds a packed weight."""
     return any(isinstance(module, PackedLinear) for module in model.modules())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from ..engine.core import check_preview
 from ..engine.settings import GenerationRequest
 from ..models.model import NextStepModel
+from ..models.quantize import held_weights
 from ..pipeline import NextStepPipeline
 from .service import FrameThrottle, ModelFacts, Order, Progress
 
@@ -69,13 +70,12 @@ class ModelCost:
     @classmethod
     def of(cls, model: NextStepModel) -> ModelCost:
         config = model.config
-        head = list(model.image_head.parameters())
-        rest = [p for name, p in model.named_parameters() if not name.startswith("image_head.")]
+        (total_params, total_bytes), (head_params, head_bytes) = held_weights(model), held_weights(model.image_head)
         return cls(
-            backbone_bytes=sum(p.numel() * p.element_size() for p in rest),
-            head_bytes=sum(p.numel() * p.element_size() for p in head),
-            backbone_params=sum(p.numel() for p in rest),
-            head_params=sum(p.numel() for p in head),
+            backbone_bytes=total_bytes - head_bytes,
+            head_bytes=head_bytes,
+            backbone_params=total_params - head_params,
+            head_params=head_params,
             backbone_layers=config.num_hidden_layers,
             head_layers=config.fm_head_layers,
         )

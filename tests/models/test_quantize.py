@@ -19,6 +19,8 @@ from nextstep.models.quantize import (
     is_quantized,
     quantized_linears,
 )
+from nextstep.serving.service import describe
+from nextstep.serving.zerogpu import ModelCost
 
 from ..conftest import ROOT, TINY, TINY11, api_kwargs, images_as_array, load_case
 
@@ -59,6 +61,7 @@ def test_quantized_fixture_generation_stays_close(tiny_pipe, tiny11_pipe, quanti
     quant = quantized(pipe, quantize).generate(args["captions"], image, **kwargs)
     assert_close(base, quant, FIXTURE_TOLERANCE[quantize])
     assert not torch.equal(base.tokens, quant.tokens)  # the quantized weights are the ones used
+    assert quant.parameters["quantization"] == quantize and "quantization" not in base.parameters
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,16 @@ def test_backbone_weights_are_held_packed(quantize, kind, tensors):
     assert model.image_head.net.input_proj.weight.dtype == torch.float32  # the flow head is left as loaded
     assert model.embed_tokens.weight.dtype == torch.float32
     assert not is_quantized(load_model(TINY / "model"))
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4", "fp8"])
+def test_the_model_panel_and_the_gpu_estimate_count_packed_weights(tiny_pipe, quantize):
+    pipe = quantized(tiny_pipe, quantize)
+    info = describe(pipe)
+    assert info["quantization"] == quantize and info["parameters"] == describe(tiny_pipe)["parameters"]
+    plain, packed = ModelCost.of(tiny_pipe.model), ModelCost.of(pipe.model)
+    assert packed.backbone_params == plain.backbone_params and packed.head_bytes == plain.head_bytes
+    assert packed.backbone_bytes < plain.backbone_bytes
 
 
 def test_int4_groups_follow_the_input_width():
