@@ -4,14 +4,15 @@ Generates with a model directory (``--model``) or a named random configuration (
 speed does not depend on the weights' values) and reports seconds per image, milliseconds per
 image token split into the token step (backbone and flow head; the backbone's share timed
 apart) and preview decoding, the final VAE decode, time to first preview, preview overhead (previews on versus off, same run) and peak
-memory. ``--compare-baseline`` also times a plain loop (KV cache grown per token, the flow head
-evaluated from scratch at every step, tokens gathered in a list) and reports the speedup.
+memory, and the bytes a token reads with the time they would take on a GPU. ``--compare-baseline``
+also times a plain loop (KV cache grown per token, the flow head evaluated from scratch at every
+step, tokens gathered in a list) and reports the speedup. ``--schemes`` compares the weight
+quantizations (``nextstep.models.quantize``) on the same requests: speed, bytes and quality.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import resource
@@ -22,10 +23,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..engine.core import Hooks, Run
+from ..engine.families import detect_family, get_family
 from ..engine.preview import PREVIEW_MODES, PreviewWorker
 from ..engine.prompts import BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_PLACEHOLDER
 from ..engine.sampling import sample_token
@@ -35,11 +38,13 @@ from ..engine.token_loop import decode_step
 from ..engine.vocab import build_tokenizer
 from ..loading.devices import pick_dtype, set_threads
 from ..loading.hub import CONFIG_FILES, resolve_directory
-from ..loading.memory import MemoryPlan, Workload, one_request, plan
+from ..loading.memory import Workload, one_request, plan, prompt_tokens
 from ..loading.options import add_runtime_flags, runtime_options
-from ..models.backbone import attention_mask, flash_attn_module
+from ..loading.traffic import H100_BANDWIDTH, TokenTraffic, token_traffic, workload_traffic
+from ..models.backbone import DecoderLayer, attention_mask, flash_attn_module
 from ..models.config import NextStepConfig
 from ..models.model import NextStepModel
+from ..models.quantize import QUANTIZATIONS, SCHEMES, fits, supported
 from ..models.tokens import normalize_tokens
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..pipeline import NextStepPipeline
@@ -49,6 +54,9 @@ from ..serving.service import FRAME_INTERVAL
 PROMPT = "a large red circle in the top left corner of a blue background, high quality"
 NEGATIVE = "blurry, low quality"
 INSTRUCTION = "make the circle green"  # with --edit, of a synthetic picture (``edit_input``)
+# --schemes' quality prompts (in the random configurations' vocabulary), each with its own seed.
+QUALITY_PROMPTS = (PROMPT, "a green circle in the top left corner of a red background",
+                   "a large blue circle in the corner of a green background")
 _BACKBONE_BASE = dict(
     attention_bias=True, o_attention_bias=False, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=8192
 )
@@ -349,8 +357,33 @@ def run(args) -> dict:
         report["baseline_seconds_per_image"] = baseline_seconds + split["finish"]
         report["speedup_over_baseline"] = report["baseline_seconds_per_image"] / plain["seconds"]
         report["baseline_max_token_difference"] = (baseline_tokens - plain["result"].tokens).abs().max().item()
+    report.update(traffic_fields(pipe, args, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2,
+                                 request.num_sampling_steps, tokens))
     report["peak_memory_mb"] = peak_memory_mb(pipe.device)
     return report
+
+
+def traffic_fields(pipe: NextStepPipeline, args, rows: int, context: int, steps: int, tokens: int) -> dict:
+    """The bytes a token read here, and what the same model reads on a GPU in bfloat16 with the
+    seconds per image those bytes take at ``--bandwidth`` at least, eager and compiled (int8
+    converts its weights per call in eager mode off the CPU; compiled, the conversion is fused)."""
+    config, quantize = pipe.model.config, pipe.model.quantization  # a stored checkpoint's: counted from its config
+
+    def traffic(dtype: torch.dtype, converts: bool) -> TokenTraffic:
+        return token_traffic(config, dtype, quantize, rows, context, steps, converts)
+
+    here = traffic(pipe.model.dtype, pipe.device.type != "cpu" and not args.compile)
+    eager, compiled = traffic(torch.bfloat16, True), traffic(torch.bfloat16, False)
+    bandwidth = args.bandwidth * 1e9
+    return dict(traffic=here.to_dict(), mb_per_token=here.total / 1e6, gpu_mb_per_token=eager.total / 1e6,
+                gpu_bandwidth_gb_s=args.bandwidth, gpu_seconds_per_image=tokens * eager.seconds(bandwidth),
+                gpu_seconds_per_image_compiled=tokens * compiled.seconds(bandwidth))
+
+
+def format_traffic(report: dict) -> str:
+    return (f"bytes per token     {report['mb_per_token']:,.2f} MB here; in bfloat16 on a GPU "
+            f"{report['gpu_mb_per_token']:,.2f} MB: at least {report['gpu_seconds_per_image']:.3g} s per image at "
+            f"{report['gpu_bandwidth_gb_s']:,.0f} GB/s ({report['gpu_seconds_per_image_compiled']:.3g} s compiled)")
 
 
 def format_table(report: dict) -> str:
@@ -382,6 +415,7 @@ def format_table(report: dict) -> str:
             f"speedup x{report['speedup_over_baseline']:.2f} (max token difference "
             f"{report['baseline_max_token_difference']:.1e})"
         )
+    lines.append(format_traffic(report))
     lines.append(f"peak memory         {report['peak_memory_mb']:.0f} MB")
     return "\n".join(lines)
 
@@ -397,13 +431,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit", action="store_true", help="an edit of a synthetic picture (3 guidance rows)")
     parser.add_argument("--acceptance", action="store_true",
                         help="the GPU acceptance run: text-to-image and edit, eager and compiled, SDPA and "
-                             "flash-attn (if installed), unquantized and int8 (if torchao is)")
+                             "flash-attn (if installed), unquantized and with --quantize (int8 by default)")
     parser.add_argument("--fairness", action="store_true",
                         help="how long a 1-image request takes alone and batched with a 4-image one that "
                              "wants exact previews every token, on the page's scheduler")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory plan for the request instead (nothing is allocated)")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
+    parser.add_argument("--schemes", action="store_true",
+                        help="each weight quantization the device runs, unquantized first, on the same requests: "
+                             "seconds per image, bytes per token and the GPU time they imply, and the largest "
+                             "token difference and image PSNR against unquantized over three prompts (with "
+                             "--plan: each one's memory plan and bytes, nothing allocated)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="the backbone's matrix products alone, at the model's shapes (one decoder layer's "
+                             "linears, random weights), for each weight quantization the device runs: ms per "
+                             "token for all layers and the GB/s of weights read (with --compile: compiled)")
+    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH / 1e9,
+                        help="GPU memory bandwidth in GB/s for the time the bytes per token imply "
+                             "[default: an H100 SXM's 3350]")
     parser.add_argument("--repeat", type=int, default=5,
                         help="time each variant this many times, keep the best (previews off and on: in "
                              "pairs, the median of their ratios)")
@@ -416,8 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     args.device, args.dtype = options.torch_device, str(options.torch_dtype).removeprefix("torch.")
     set_threads(args.device, args.threads)
     if args.plan:
-        memory = plan_of(args)
-        print(json.dumps(memory.to_dict()) if args.json else memory.describe())
+        plans = [plan_of(args, quantize) for quantize in (scheme_choices(args) if args.schemes else [args.quantize])]
+        print(json.dumps(plans if args.schemes else plans[0]) if args.json else "\n".join(format_plan(p) for p in plans))
+        return 0
+    if args.kernels:
+        report = kernels(args)
+        print(json.dumps(report) if args.json else format_kernels(report))
+        return 0
+    if args.schemes:
+        report = schemes(args)
+        print(json.dumps(report) if args.json else format_schemes(report))
         return 0
     if args.acceptance:
         report = acceptance(args)
@@ -466,9 +520,9 @@ def format_fairness(report: dict) -> str:
 def acceptance(args) -> dict:
     """The GPU acceptance run: text-to-image and edit, each eager and with the compiled step
     (captured as a CUDA graph on CUDA), with SDPA and, where installed, flash-attn, unquantized and
-    (with torchao) int8: seconds per image, ms per token, first preview, peak memory, and each
-    compiled run's largest token difference from the eager one with the same settings."""
-    quantizations = [None] + (["int8"] if importlib.util.find_spec("torchao") else [])
+    with ``--quantize`` (int8 by default): seconds per image, ms per token, first preview, peak
+    memory, and each compiled run's largest token difference from the eager one with the same settings."""
+    quantizations = [None, args.quantize or "int8"]
     rows = []
     for quantize in quantizations:
         pipe = bench_pipeline(args, quantize)
@@ -523,8 +577,9 @@ def format_acceptance(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_of(args) -> MemoryPlan:
-    """The memory plan of the bench's request, from configs alone."""
+def plan_of(args, quantize: str | None) -> dict:
+    """The memory plan of the bench's request under ``quantize``, from configs alone, with the bytes a
+    token reads on the plan's device and the seconds per image they imply at ``--bandwidth``."""
     dtype = pick_dtype(args.dtype, args.device)
     if args.model:
         config = NextStepConfig.from_pretrained(resolve_directory(args.model, "model", files=CONFIG_FILES))
@@ -536,7 +591,137 @@ def plan_of(args) -> MemoryPlan:
     size = Size.parse(args.size) if args.size else default.size
     images = int(args.num_images or 1)
     workload = Workload.edit(size, images) if args.edit else Workload.text_to_image(size, images)
-    return plan(config, vae_config, dtype, args.quantize, args.device, workload, name=name)
+    memory = plan(config, vae_config, dtype, quantize, args.device, workload, name=name)
+    steps = int(args.num_sampling_steps or get_family(detect_family(config)).defaults["num_sampling_steps"])
+    converts = torch.device(args.device).type != "cpu" and not args.compile
+    traffic = workload_traffic(config, vae_config or VAEConfig(), dtype, quantize, workload, steps, converts)
+    tokens = prompt_tokens(config, vae_config or VAEConfig(), workload)[1]
+    return dict(memory.to_dict(), plan=memory.describe(), traffic=traffic.to_dict(), sampling_steps=steps,
+                gpu_bandwidth_gb_s=args.bandwidth, seconds_per_image_from_bytes=tokens * traffic.seconds(args.bandwidth * 1e9))
+
+
+def format_plan(report: dict) -> str:
+    traffic = report["traffic"]
+    return (f"{report['plan']}\n  {traffic['total_mb']:,.1f} MB read per token (backbone {traffic['backbone_mb']:,.1f} + "
+            f"flow head {traffic['head_mb']:,.1f} at {report['sampling_steps']} steps + KV cache "
+            f"{traffic['kv_cache_mb']:,.1f}): at least {report['seconds_per_image_from_bytes']:.3g} s per image at "
+            f"{report['gpu_bandwidth_gb_s']:,.0f} GB/s")
+
+
+def scheme_choices(args) -> list[str | None]:
+    """Unquantized, then each quantization (to run: those the device runs; a checkpoint stored
+    quantized: as stored)."""
+    if args.model and not args.kernels and getattr(NextStepConfig.from_pretrained(
+            resolve_directory(args.model, "model", files=CONFIG_FILES)), "quantization_config", None):
+        return [None]
+    return [None] + [q for q in QUANTIZATIONS if args.plan or supported(q, args.device)]
+
+
+def image_psnr(a: list[Image.Image], b: list[Image.Image]) -> float:
+    """PSNR in dB between two lists of pictures of the same size (inf where equal)."""
+    mse = float(np.mean([(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2
+                         for x, y in zip(a, b)]))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def schemes(args) -> dict:
+    """Each scheme of ``scheme_choices`` on the same model and requests: seconds per image (best of
+    ``--repeat``, previews off, the first quality prompt), the bytes a token reads and the GPU time
+    they imply (``traffic_fields``), and over ``QUALITY_PROMPTS`` the largest token difference and
+    the lowest image PSNR against unquantized."""
+    rows, baseline = [], None
+    for quantize in scheme_choices(args):
+        pipe = bench_pipeline(args, quantize)
+        settings = dict(dict(negative_prompt=NEGATIVE), **given_settings(args))
+        timed_generation(pipe, (PROMPT, None), dict(settings, seed=0, size=(pipe.engine.down_factor * 2,) * 2),
+                         "none", 8)  # warm-up
+        results = [pipe.generate(prompt, **dict(settings, seed=seed)) for seed, prompt in enumerate(QUALITY_PROMPTS)]
+        best = min(timed_generation(pipe, (PROMPT, None), dict(settings, seed=0), "none", 8)["seconds"]
+                   for _ in range(args.repeat))
+        request = pipe.engine.request(PROMPT, **dict(settings, seed=0))
+        prompt_rows = pipe.engine.prepare(request).input_ids
+        row = dict(quantize=pipe.model.quantization or "none", seconds_per_image=best,
+                   ms_per_token=1000 * best / request.tokens)
+        row.update(traffic_fields(pipe, args, prompt_rows.shape[0], prompt_rows.shape[1] + request.tokens // 2,
+                                  request.num_sampling_steps, request.tokens))
+        baseline = baseline or results
+        row["max_token_difference"] = max((r.tokens - b.tokens).abs().max().item() for r, b in zip(results, baseline))
+        row["min_psnr_db"] = min(image_psnr(r.images, b.images) for r, b in zip(results, baseline))
+        rows.append(row)
+        del pipe
+    return dict(model=args.model or f"random {args.config}", device=args.device, dtype=args.dtype,
+                size=request.size.value, tokens=request.tokens, num_sampling_steps=request.num_sampling_steps,
+                threads=torch.get_num_threads(), compiled=args.compile, runs=rows)
+
+
+@torch.inference_mode()
+def kernels(args) -> dict:
+    """One decoder layer's linear layers at the model's shapes, for each scheme of
+    ``scheme_choices``: the best of ``--repeat`` times for a token's worth of their products on the
+    request's backbone rows (2 with guidance), scaled to all layers, and the weight bytes read per second."""
+    if args.model:
+        config = NextStepConfig.from_pretrained(resolve_directory(args.model, "model", files=CONFIG_FILES))
+    else:
+        config = random_config(args.config)[0]
+    dtype, device = pick_dtype(args.dtype, args.device), torch.device(args.device)
+    rows = int(args.num_images or 1) * (3 if args.edit else 2)
+    with torch.device("meta"):
+        shapes = [(m.in_features, m.out_features, m.bias is not None)
+                  for m in DecoderLayer(config, 0).modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {k: torch.randn(rows, k, device=device, dtype=dtype) for k, _, _ in shapes}
+    runs = []
+    for quantize in scheme_choices(args):
+        layers = []
+        for k, n, bias in shapes:
+            linear = torch.nn.Linear(k, n, bias=bias, device=device, dtype=dtype)
+            torch.nn.init.normal_(linear.weight, std=0.02)
+            layers.append(SCHEMES[quantize].from_linear(linear) if quantize and fits(quantize, n, k) else linear)
+
+        def products(layers=layers):
+            return [layer(inputs[layer.in_features]) for layer in layers]
+
+        step = torch.compile(products) if args.compile else products
+        step()  # warm-up (and compile)
+        best = math.inf
+        for _ in range(args.repeat):
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        weights = sum(t.numel() * t.element_size() for layer in layers for t in (*layer.parameters(), *layer.buffers()))
+        runs.append(dict(quantize=quantize or "none", ms_per_token=1000 * best * config.num_hidden_layers,
+                         mb_per_layer=weights / 1e6, gb_per_second=weights / best / 1e9))
+        del layers
+    return dict(model=args.model or f"random {args.config}", device=str(device), dtype=str(dtype).removeprefix("torch."),
+                rows=rows, layers=config.num_hidden_layers, threads=torch.get_num_threads(), compiled=args.compile,
+                runs=runs)
+
+
+def format_kernels(report: dict) -> str:
+    lines = [f"{report['model']}: the backbone's linears on {report['device']} ({report['dtype']}, "
+             f"{report['threads']} threads{', compiled' if report['compiled'] else ''}), {report['rows']} rows, "
+             f"{report['layers']} layers",
+             "weights   ms per token   MB per layer   GB/s"]
+    for row in report["runs"]:
+        lines.append(f"{row['quantize']:<8} {row['ms_per_token']:>13.2f}  {row['mb_per_layer']:>13.1f}  "
+                     f"{row['gb_per_second']:>5.1f}")
+    return "\n".join(lines)
+
+
+def format_schemes(report: dict) -> str:
+    lines = [f"{report['model']} on {report['device']} ({report['dtype']}, {report['threads']} threads"
+             f"{', compiled' if report['compiled'] else ''}), {report['size']}, {report['tokens']} tokens, "
+             f"{report['num_sampling_steps']} steps; GPU: bfloat16 at {report['runs'][0]['gpu_bandwidth_gb_s']:,.0f} GB/s",
+             "weights                                    s/image  ms/token  MB/token  GPU MB/token  GPU s/image "
+             "(compiled)  max token diff  min PSNR dB"]
+    for row in report["runs"]:
+        lines.append(
+            f"{row['quantize']:<42} {row['seconds_per_image']:>7.3f}  {row['ms_per_token']:>8.2f}  "
+            f"{row['mb_per_token']:>8.2f}  {row['gpu_mb_per_token']:>12.2f}  {row['gpu_seconds_per_image']:>11.3g} "
+            f"{row['gpu_seconds_per_image_compiled']:>10.3g}  {row['max_token_difference']:>14.3g}  "
+            f"{row['min_psnr_db']:>11.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ for its kernels, and generation within a stated distance of the unquantized mode
 families and the embedded model (CPU, float32 model; the packed int8 and int4 kernels take
 bfloat16 activations, fp8 quantizes them to e4m3)."""
 
-import math
-
 import pytest
 import torch
 
@@ -21,8 +19,9 @@ from nextstep.models.quantize import (
 )
 from nextstep.serving.service import describe
 from nextstep.serving.zerogpu import ModelCost
+from nextstep.tools.bench import image_psnr
 
-from ..conftest import ROOT, TINY, TINY11, api_kwargs, images_as_array, load_case
+from ..conftest import ROOT, TINY, TINY11, api_kwargs, load_case
 
 SHAPES = ROOT / "assets" / "shapes-model"
 # (max |token difference|, min image PSNR in dB) allowed against the unquantized model. Measured when
@@ -40,15 +39,10 @@ def quantized(pipe: NextStepPipeline, quantize: str) -> NextStepPipeline:
     )
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = ((a.float() - b.float()) ** 2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def assert_close(base, quant, tolerance):
     max_token, min_psnr = tolerance
     assert (base.tokens - quant.tokens).abs().max() <= max_token
-    assert psnr(images_as_array(base.images), images_as_array(quant.images)) >= min_psnr
+    assert image_psnr(base.images, quant.images) >= min_psnr
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4", "fp8"])
