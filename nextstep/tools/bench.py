@@ -325,7 +325,7 @@ def run(args) -> dict:
     prompt_rows = pipe.engine.prepare(request).input_ids  # (branches * images, prompt length)
     backbone = backbone_step_seconds(pipe, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2)
     report = dict(
-        model=pipe.name, device=str(pipe.device), dtype=args.dtype, quantize=args.quantize, edit=args.edit,
+        model=pipe.name, device=str(pipe.device), dtype=args.dtype, quantize=pipe.model.quantization, edit=args.edit,
         rows=prompt_rows.shape[0], size=size.value, tokens=tokens,
         num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, sampler=request.sampler,
         preview=args.preview,
