@@ -5,8 +5,9 @@ Each scheme is a ``PackedLinear`` that takes an ``nn.Linear``'s place (the bias 
 * ``int8`` (``Int8Linear``): one int8 per weight and a bfloat16 scale per output row (symmetric).
   On the CPU the matmul is PyTorch's packed int8 kernel (``_weight_int8pack_mm``) on bfloat16
   activations. Elsewhere the weight is converted to the activations' dtype at every call: a
-  full-size copy, slower than unquantized in eager mode; ``torch.compile`` (``--compile``) fuses the
-  conversion into the matmul, so only the int8 bytes are read.
+  full-size copy, slower than unquantized in eager mode. ``torch.compile`` (``--compile``) can fuse
+  the conversion into the matmul, so that only the int8 bytes are read (whether it does for the
+  token loop's few rows on a GPU is not measured yet).
 * ``int4`` (``Int4Linear``): 4-bit values with a scale and a zero point per group of 128 input
   values (64 or 32 for a narrower layer), in tinygemm's layout, read by PyTorch's int4 kernels on
   bfloat16 activations: ``_weight_int4pack_mm`` on CUDA (compute capability 8.0 or later) and

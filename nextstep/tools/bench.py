@@ -368,7 +368,7 @@ def run(args) -> dict:
 def traffic_fields(pipe: NextStepPipeline, args, rows: int, context: int, steps: int, tokens: int) -> dict:
     """The bytes a token read here, and what the same model reads on a GPU in bfloat16 with the
     seconds per image those bytes take at ``--bandwidth`` at least, eager and compiled (int8
-    converts its weights per call in eager mode off the CPU; compiled, the conversion is fused)."""
+    converts its weights per call in eager mode off the CPU; compiled, counted as fused)."""
     config, quantize = pipe.model.config, pipe.model.quantization  # a stored checkpoint's: counted from its config
 
     def traffic(dtype: torch.dtype, converts: bool) -> TokenTraffic:
