@@ -90,8 +90,9 @@ class NextStepPipeline:
         """Load a model directory or Hub id; ``vae=None`` takes ``config.vae_name_or_path``
         (relative to the model directory), else a ``vae/`` folder inside the model (where
         NextStep-1.1 ships its VAE). ``family=None`` detects the family from the config; VAE
-        config fields left out take that family's defaults. ``quantize`` ("int8", "fp8" or None)
-        quantizes the backbone's weights while they load (``nextstep.models.quantize``).
+        config fields left out take that family's defaults. ``quantize`` ("int8", "int4", "fp8" or
+        None) quantizes the backbone's weights while they load (``nextstep.models.quantize``); a
+        checkpoint stored in 4 bits (auto-round W4A16) loads as stored.
 
         Before any weight is read, the memory plan of one request (``nextstep.loading.memory.one_request``)
         is checked against the device's free memory: ``NotEnoughMemoryError`` names the need and the

@@ -27,6 +27,7 @@ from ..models.quantize import (
     quantized_linears,
 )
 from ..models.vae import AutoencoderKL, VAEConfig
+from .autoround import StoredInt4, StoredInt4Linear, stored_quantization
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -161,15 +162,18 @@ def save_safetensors(module: nn.Module, directory: Path, dtype: torch.dtype | No
 
 def load_model(directory: Path, device="cpu", dtype=torch.float32, quantize: str | None = None) -> NextStepModel:
     """The NextStep model in ``directory``, built on the meta device, taking the checkpoint's tensors
-    one at a time. ``quantize`` ("int8" or "fp8", see ``nextstep.models.quantize``) quantizes each
-    backbone linear weight as soon as it is on the device, before the next one is read, so the
-    full-precision backbone is never held there."""
+    one at a time. ``quantize`` ("int8", "int4" or "fp8", see ``nextstep.models.quantize``) packs
+    each backbone linear weight as soon as it is on the device, before the next one is read, so the
+    full-precision backbone is never held there. A checkpoint stored in 4 bits (auto-round W4A16,
+    ``nextstep.loading.autoround``) loads as stored, each packed layer moved into the int4 layout
+    as soon as its tensors are read."""
     directory = Path(directory)
     device = torch.device(device)
-    check_quantization(quantize, device)
+    raw = json.loads((directory / "config.json").read_text())
+    stored = checkpoint_quantization(raw.get("quantization_config"), quantize, device)
     config = NextStepConfig.from_pretrained(directory)
     checkpoint = Checkpoint(directory)
-    if "o_attention_bias" not in json.loads((directory / "config.json").read_text()):
+    if "o_attention_bias" not in raw:
         # Officially a missing o_attention_bias follows attention_bias, and o_proj biases absent
         # from the file are zero-filled: the same numbers as no bias. Reading the choice from the
         # file gives the official result either way, stays strict about a partial set of biases,
@@ -177,18 +181,71 @@ def load_model(directory: Path, device="cpu", dtype=torch.float32, quantize: str
         config.o_attention_bias = any(key.endswith("self_attn.o_proj.bias") for key in checkpoint.shapes)
     with torch.device("meta"):
         model = NextStepModel(config)
-    to_quantize = {f"{name}.weight": linear for name, linear in quantized_linears(model).items()} if quantize else {}
-
-    def loaded(key: str) -> None:
-        if key in to_quantize:
-            quantize_linear(to_quantize[key], quantize)
-
+    loaded = _packing_hook(model, checkpoint, stored, quantize, f"checkpoint {directory}")
     # NextStep-1 checkpoints carry the position table; NextStep-1.1 ones need not.
     keys = load_strict(model, checkpoint, f"checkpoint {directory}", device, dtype,
                        optional=frozenset({"gen_pos_embed"}), unused=UNUSED_KEYS, loaded=loaded)
     model.build_computed_buffers(device, keep_loaded="gen_pos_embed" in keys)
-    model.quantization = quantize
+    model.quantization = stored.label if stored else quantize
     return model.eval()
+
+
+def checkpoint_quantization(quantization_config: dict | None, quantize: str | None, device) -> StoredInt4 | None:
+    """The quantization a checkpoint stores (its ``config.json``'s ``quantization_config``; None:
+    none), checked together with the requested ``quantize`` against ``device`` before any weight is
+    read: a stored checkpoint loads as stored, and needs the int4 kernels."""
+    stored = stored_quantization(quantization_config)
+    if stored is None:
+        check_quantization(quantize, device)
+        return None
+    if quantize not in (None, "int4"):
+        raise ValueError(f"this checkpoint is stored in 4 bits ({stored.label}) and loads as it is stored: "
+                         f"leave quantize out (got {quantize!r})")
+    check_quantization("int4", device, what=f"this checkpoint is stored in 4 bits ({stored.label}): ")
+    return stored
+
+
+def _packing_hook(model: NextStepModel, checkpoint: Checkpoint, stored: StoredInt4 | None, quantize: str | None,
+                  what: str) -> Callable[[str], None] | None:
+    """What ``load_strict`` calls after each tensor: puts a layer's packed form in its place as
+    soon as all of the layer's tensors are in (a stored checkpoint's packed layers are first
+    replaced, on the meta device, by their stored tensors' shapes). None: nothing to pack."""
+    if stored is not None:
+        names = _stored_linears(model, checkpoint, what)
+        for name in names:
+            model.set_submodule(name, StoredInt4Linear(model.get_submodule(name), stored))
+
+        def pack(name: str) -> None:
+            model.set_submodule(name, model.get_submodule(name).to_packed())
+    elif quantize is not None:
+        names = list(quantized_linears(model, quantize))
+
+        def pack(name: str) -> None:
+            quantize_linear(model, name, quantize)
+    else:
+        return None
+    waiting = set(names)
+
+    def loaded(key: str) -> None:
+        name = key.rpartition(".")[0]
+        if name in waiting and all(t.device.type != "meta" for t in model.get_submodule(name).state_dict().values()):
+            pack(name)
+            waiting.discard(name)
+
+    return loaded
+
+
+def _stored_linears(model: NextStepModel, checkpoint: Checkpoint, what: str) -> list[str]:
+    """The linear layers a stored checkpoint holds packed (those with a ``qweight``), checked from its header."""
+    if any(key.endswith(".g_idx") for key in checkpoint.shapes):
+        raise ValueError(f"{what} stores act-order (g_idx) tensors, which this loader does not support")
+    names = [key.removesuffix(".qweight") for key in checkpoint.shapes if key.endswith(".qweight")]
+    linears = dict(model.named_modules())
+    strays = [name for name in names if not isinstance(linears.get(name), nn.Linear)]
+    if strays:
+        raise CheckpointMismatchError(f"{what} stores packed weights for layers that are not linear layers of "
+                                      f"its config: {', '.join(strays[:20])}")
+    return names
 
 
 def save_model(model: NextStepModel, directory: Path) -> None:

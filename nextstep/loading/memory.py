@@ -3,7 +3,8 @@
 ``plan(config, vae, dtype, quantize, device, workload)`` counts, without allocating anything:
 
 * weights: every parameter and buffer of the model built on the meta device (``lm_head`` is never
-  built), quantized linear weights at their stored size, plus the VAE's;
+  built), quantized linear weights at their packed size (a checkpoint stored in 4 bits: the layers
+  its ``quantization_config`` names), plus the VAE's;
 * the KV cache of one batch: ``layers x rows x kv_heads x slots x head_dim`` keys and values,
   with ``slots`` the prompt and image tokens rounded up as the token loop allocates them;
 * the largest transient working set: the prefill of one decoder layer over the whole prompt
@@ -34,12 +35,13 @@ from ..models.config import NextStepConfig
 from ..models.model import NextStepModel
 from ..models.quantize import (
     QUANTIZATIONS,
-    fp8_supported,
     quantized_linears,
     quantized_weight_bytes,
+    supported,
 )
 from ..models.vae import AutoencoderKL, VAEConfig
-from .checkpoints import read_vae_config
+from .autoround import StoredInt4, stored_quantization
+from .checkpoints import checkpoint_quantization, read_vae_config
 from .hub import CONFIG_FILES, resolve_directory
 
 GIB = 2**30
@@ -194,6 +196,7 @@ def plan(
     config = model if isinstance(model, NextStepConfig) else NextStepConfig.from_pretrained(Path(model))
     vae_config = _vae_config(vae)
     device = str(torch.device(device))
+    stored = stored_quantization(getattr(config, "quantization_config", None))
     with torch.device("meta"):
         network = NextStepModel(config)
         autoencoder = AutoencoderKL(vae_config)
@@ -204,17 +207,19 @@ def plan(
             device=device,
             models=(name or (Path(model).name if not isinstance(model, NextStepConfig) else "model"),),
             dtype=str(dtype).removeprefix("torch."),
-            quantize=choice,
-            weights_bytes=weight_bytes(network, dtype, choice),
+            quantize=stored.label if stored else choice,
+            weights_bytes=weight_bytes(network, dtype, choice, stored),
             vae_bytes=sum(t.numel() for t in autoencoder.parameters()) * size,
             kv_cache_bytes=kv_cache_bytes(config, vae_config, workload, size),
-            working_bytes=prefill_bytes(config, vae_config, workload, size, choice)
+            # The finisher's VAE decode of one batch overlaps the next batch's prefill.
+            working_bytes=prefill_bytes(config, vae_config, workload, size, choice, device)
             + vae_working_bytes(vae_config, workload, size),
         )
 
-    choices = [None] + [q for q in QUANTIZATIONS if q != "fp8" or fp8_supported(device)]
+    # A checkpoint stored quantized loads as stored: no other choice to name.
+    choices = [None] + ([] if stored else [q for q in QUANTIZATIONS if supported(q, device)])
     peaks = {choice: one(choice).peak_bytes for choice in choices}
-    return dataclasses.replace(one(quantize), peak_by_quantize=peaks)
+    return dataclasses.replace(one(None if stored else quantize), peak_by_quantize=peaks)
 
 
 def checkpoint_plan(
@@ -227,6 +232,7 @@ def checkpoint_plan(
     shape."""
     config_dir = resolve_directory(model, "model", files=CONFIG_FILES)
     config = NextStepConfig.from_pretrained(config_dir)
+    checkpoint_quantization(getattr(config, "quantization_config", None), quantize, device)
     local_vae = next((Path(d) for d in (vae, config_dir / "vae") if d is not None and Path(d).is_dir()), None)
     workload = one_request(config, local_vae, images)
     return plan(config, local_vae, dtype, quantize, device, workload, name=str(model))
@@ -242,21 +248,32 @@ def one_request(config: NextStepConfig, vae: VAEConfig | str | Path | None = Non
     return Workload.text_to_image(size, images)
 
 
-def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None) -> int:
+def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None,
+                 stored: StoredInt4 | None = None) -> int:
     """Bytes of a (meta-built) model's parameters and buffers once loaded in ``dtype``, quantized
-    linear weights at their stored size."""
+    linear weights at their packed size (``stored``: as a checkpoint stored in 4 bits holds them)."""
+    return sum(tensor_bytes(model, dtype, quantize, stored).values())
+
+
+def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype, quantize: str | None,
+                 stored: StoredInt4 | None = None) -> dict[str, int]:
+    """``weight_bytes`` by parameter or buffer name."""
     size = torch.empty((), dtype=dtype).element_size()
-    quantized = {f"{name}.weight" for name in quantized_linears(model)} if quantize else set()
-    stored = set(model.state_dict())  # computed buffers that are not stored (rotary tables) keep their dtype
-    total = 0
+    if stored is not None:
+        packed = {f"{name}.weight": stored.group_size for name in stored.linears(model)}
+        quantize = "int4"
+    else:
+        packed = {f"{name}.weight": None for name in quantized_linears(model, quantize)} if quantize else {}
+    loaded = set(model.state_dict())  # computed buffers that are not stored (rotary tables) keep their dtype
+    counted = {}
     for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if key in quantized:
-            total += quantized_weight_bytes(*tensor.shape, quantize)
-        elif key in stored and tensor.is_floating_point():
-            total += tensor.numel() * size
+        if key in packed:
+            counted[key] = quantized_weight_bytes(*tensor.shape, quantize, packed[key])
+        elif key in loaded and tensor.is_floating_point():
+            counted[key] = tensor.numel() * size
         else:
-            total += tensor.numel() * tensor.element_size()
-    return total
+            counted[key] = tensor.numel() * tensor.element_size()
+    return counted
 
 
 def prompt_tokens(config: NextStepConfig, vae: VAEConfig, workload: Workload) -> tuple[int, int]:
@@ -276,7 +293,8 @@ def kv_cache_bytes(config: NextStepConfig, vae: VAEConfig, workload: Workload, s
     return workload.rows * slots * (per_slot + 1)  # + the bool of which slots hold real tokens
 
 
-def prefill_bytes(config: NextStepConfig, vae: VAEConfig, workload: Workload, size: int, quantize: str | None) -> int:
+def prefill_bytes(config: NextStepConfig, vae: VAEConfig, workload: Workload, size: int, quantize: str | None,
+                  device: str = "cuda") -> int:
     """The working set of one decoder layer over the whole prompt (layers run one after another)."""
     prompt, image_tokens = prompt_tokens(config, vae, workload)
     tokens = workload.rows * prompt
@@ -288,8 +306,10 @@ def prefill_bytes(config: NextStepConfig, vae: VAEConfig, workload: Workload, si
     # SDPA's math path: scores, masked scores and softmax, keys and values repeated per query head.
     attention = 3 * workload.rows * heads * prompt * slots + 2 * workload.rows * heads * slots * head_dim
     mask = workload.rows * prompt * slots  # bool
-    # A quantized matmul dequantizes its weight into the compute dtype first.
-    dequantized = max(config.intermediate_size, config.hidden_size) * config.hidden_size if quantize else 0
+    # int8 off the CPU converts its weight into the compute dtype first (eager mode); the packed
+    # kernels (int8 on the CPU, int4, fp8) read the weight as it is held.
+    converts = quantize == "int8" and torch.device(device).type != "cpu"
+    dequantized = max(config.intermediate_size, config.hidden_size) * config.hidden_size if converts else 0
     return (hidden_states + qkv + mlp + attention + dequantized) * size + mask
 
 
@@ -354,14 +374,16 @@ def _vae_config(vae: VAEConfig | str | Path | None) -> VAEConfig:
 def loading_refusal(directory: Path, device, dtype: torch.dtype, quantize: str | None) -> NotEnoughMemoryError:
     """The error for running out of memory while loading the checkpoint in ``directory`` (when no
     plan was checked first, or the plan was wrong)."""
+    config = NextStepConfig.from_pretrained(directory)
     with torch.device("meta"):
-        need = weight_bytes(NextStepModel(NextStepConfig.from_pretrained(directory)), dtype, quantize)
+        need = weight_bytes(NextStepModel(config), dtype, quantize,
+                            stored_quantization(getattr(config, "quantization_config", None)))
     free = free_memory(device)
     free_text = f"{_gib(free)} free now" if free is not None else "free memory unknown"
     what = f"{directory} ({str(dtype).removeprefix('torch.')})"
     return NotEnoughMemoryError(
         f"not enough memory on {device} to load {what}: its weights take {_gib(need)}, {free_text}. "
-        f"Options: --quantize int8; a second device; a device with more memory"
+        f"Options: --quantize int4 or int8; a second device; a device with more memory"
     )
 
 

@@ -46,7 +46,9 @@ class NextStepModel(nn.Module):
         self.image_head = FlowMatchingHead(config.token_dim, hidden, config.fm_head_dim, config.fm_head_layers)
         grid = config.gen_pos_embed_grid
         self.register_buffer("gen_pos_embed", sincos_2d_table(hidden, grid)[None], persistent=True)
-        self.quantization: str | None = None  # how the backbone's weights are held ("int8", "fp8")
+        # How the weights are held: None, a scheme ("int8", "int4", "fp8") applied while loading, or
+        # what a checkpoint stored quantized names (see nextstep.loading.autoround).
+        self.quantization: str | None = None
         self.use_flash_attention = True  # where flash-attn is installed (the bench compares it with SDPA)
 
     # ---- building -----------------------------------------------------------------------
@@ -71,8 +73,8 @@ class NextStepModel(nn.Module):
         """Quantize the backbone's weights of a model already built (``nextstep.loading`` does it
         while loading instead, so that full precision never fills the device)."""
         check_quantization(quantize, self.device)
-        for linear in quantized_linears(self).values():
-            quantize_linear(linear, quantize)
+        for name in quantized_linears(self, quantize):
+            quantize_linear(self, name, quantize)
         self.quantization = quantize
 
     def build_computed_buffers(self, device, keep_loaded: bool) -> None:

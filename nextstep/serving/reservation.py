@@ -3,9 +3,9 @@ reads and launches, replaced by what earlier tasks measured once one has run.
 
 ZeroGPU checks the seconds a task asks for against the visitor's allowance before anything runs,
 and may end a task that outlives them: asking too much turns visitors away, too little cuts
-pictures short. The estimate, per token: the bytes the step reads (the backbone's weights once,
-the flow head's per-evaluation weights at every sampling step and its modulation weights once, the
-KV cache) over the slice's bandwidth, the matrix work over its FLOP/s, and the operations it runs
+pictures short. The estimate, per token: the bytes the step reads (``loading.traffic``: the
+backbone's weights once, the flow head's per-evaluation weights at every sampling step and its
+modulation weights once, the KV cache) over the slice's bandwidth, the matrix work over its FLOP/s, and the operations it runs
 (counted, ``engine.opcount``) times what each costs: launched from Python one by one in the eager
 step, or replayed from a CUDA graph (ZeroGPU's default step). Once a task of the same model and
 request shape has reported its time per token, that replaces the estimate. Both take
@@ -23,7 +23,9 @@ from ..engine.opcount import count_token_ops
 from ..engine.sampling import SAMPLERS
 from ..engine.settings import GenerationRequest
 from ..engine.token_loop import cache_slots
+from ..loading.traffic import WeightReads
 from ..models.model import NextStepModel
+from ..models.quantize import held_weights
 
 # The default ("large") ZeroGPU slice, half an H200 (spaces' durations are counted on it): the
 # hardware's figures, not measured here (no GPU).
@@ -38,15 +40,12 @@ MARGIN = 1.25  # on the whole: a task that outlives its reservation may be ended
 
 @dataclass(frozen=True)
 class ModelCost:
-    """What one model's step reads, by part (bytes) and computes (parameters)."""
+    """What one model's step reads (``loading.traffic``: quantized weights as held, int8's per-call
+    conversion on a GPU included) and computes (parameters)."""
 
-    backbone_bytes: int  # the decoder layers and final norm: the embedding table is not read per token
-    head_step_bytes: int  # the flow head's weights read at every sampling step
-    head_token_bytes: int  # and once per token (time and condition embeddings, modulations)
+    reads: WeightReads
     backbone_params: int
-    head_step_params: int
-    weight_bytes: int  # everything a worker moves in
-    kv_slot_bytes: int  # keys and values of one cache slot of one row, every layer
+    head_step_params: int  # the flow head's parameters evaluated at every sampling step
 
     @classmethod
     def of(cls, model: NextStepModel) -> ModelCost:
@@ -54,25 +53,11 @@ class ModelCost:
         step_parts = [head.input_proj, head.final_layer.linear, *(part for block in head.res_blocks
                                                                   for part in (block.in_ln, block.mlp))]
         backbone = [model.layers, model.norm, model.image_in_projector, model.image_out_projector]
-        config = model.config
         return cls(
-            backbone_bytes=sum(_bytes(part) for part in backbone),
-            head_step_bytes=sum(_bytes(part) for part in step_parts),
-            head_token_bytes=_bytes(head) - sum(_bytes(part) for part in step_parts),
-            backbone_params=sum(_params(part) for part in backbone),
-            head_step_params=sum(_params(part) for part in step_parts),
-            weight_bytes=_bytes(model),
-            kv_slot_bytes=2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-            * model.dtype.itemsize,
+            reads=WeightReads.of(model.config, model.dtype, model.quantization, converts=True),  # ZeroGPU: no compile
+            backbone_params=sum(held_weights(part)[0] for part in backbone),
+            head_step_params=sum(held_weights(part)[0] for part in step_parts),
         )
-
-
-def _bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _operations(model: NextStepModel, sampler: str, steps: int, branches: int, use_norm: bool) -> int:
@@ -100,7 +85,7 @@ class Reservation:
     def __init__(self, models: list[NextStepModel], graph: bool):
         self.models, self.graph = models, graph
         self.costs = [ModelCost.of(model) for model in models]
-        self.moved_bytes = sum(cost.weight_bytes for cost in self.costs)  # a fresh worker moves every model
+        self.moved_bytes = sum(cost.reads.held for cost in self.costs)  # a fresh worker moves every model
         self._measured: dict[tuple, float] = {}  # (model, shape) -> seconds per token
         self._lock = threading.Lock()
 
@@ -109,8 +94,7 @@ class Reservation:
         cost, sampler = self.costs[model], SAMPLERS[request.sampler]
         evaluations = len(sampler.schedule(sampler.time_grid(request.num_sampling_steps, request.timesteps_shift)))
         slots = cache_slots(prompt_tokens + request.tokens * (2 if request.edit else 1))
-        bytes_read = (cost.backbone_bytes + cost.head_token_bytes + evaluations * cost.head_step_bytes
-                      + request.rows * slots * cost.kv_slot_bytes)
+        bytes_read = cost.reads.token(request.rows, slots, evaluations).total  # SDPA reads every slot
         flops = 2 * request.rows * (cost.backbone_params + evaluations * cost.head_step_params)
         operations = _operations(self.models[model], request.sampler, request.num_sampling_steps, request.branches,
                                  request.use_norm)

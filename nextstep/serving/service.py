@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..engine.core import GenerationResult, StreamEvent
 from ..engine.sizes import Size
+from ..models.quantize import held_weights
 from ..pipeline import NextStepPipeline
 from ..pnginfo import with_parameters
 
@@ -157,7 +158,7 @@ def human_count(count: int) -> str:
 
 def describe(pipe: NextStepPipeline) -> dict[str, str]:
     """What a model panel shows: checkpoint, device, dtype, weight quantization and parameter count."""
-    count = sum(p.numel() for p in pipe.model.parameters()) + sum(p.numel() for p in pipe.vae.parameters())
+    count = held_weights(pipe.model)[0] + sum(p.numel() for p in pipe.vae.parameters())
     return {
         "checkpoint": pipe.name,
         "family": pipe.family,

@@ -1,9 +1,10 @@
 """``python -m nextstep.tools.acceptance``: the GPU acceptance run, one command for a freshly started GPU machine.
 
 Text-to-image at the 14B shape with random weights (speed does not depend on their values),
-bf16, 256x256 (a 512x512 image has 4 times the tokens), 50 steps, cfg 7.5, through five stages:
+bf16, 256x256 (a 512x512 image has 4 times the tokens), 50 steps, cfg 7.5, through seven stages:
 eager; graph (the eager step captured as a CUDA graph); flash (flash-attn's kernels, captured);
-int8 (torchao weight-only, captured); compiled (inductor, captured). Each stage runs in a process
+int8, int4 and fp8 (the backbone's weights packed, ``models.quantize``, captured); compiled
+(inductor, captured). Each stage runs in a process
 of its own, so that one that fails, runs out of memory or hangs is recorded and the next one
 runs; the last is given what is left of ``--budget-seconds``. Each reports seconds per image,
 ms per token split into prefill, token step, backbone alone (timed apart) and final decode,
@@ -28,14 +29,15 @@ import torch
 
 from ..engine.settings import add_setting_flags, given_settings
 from ..loading.devices import set_threads
-from .bench import (
+from ..models.quantize import supported
+from .shapes import CONFIGS, NEGATIVE, PROMPT
+from .timing import (
     backbone_step_seconds,
     bench_pipeline,
     peak_memory_mb,
     timed_generation,
     timed_phases,
 )
-from .shapes import CONFIGS, NEGATIVE, PROMPT
 
 REPORT = "acceptance.json"
 EAGER_TOKENS = "eager-tokens.pt"
@@ -55,6 +57,8 @@ STAGES = {stage.name: stage for stage in (
     Stage("graph", "graph"),
     Stage("flash", "graph", flash=True),
     Stage("int8", "graph", quantize="int8"),
+    Stage("int4", "graph", quantize="int4"),
+    Stage("fp8", "graph", quantize="fp8"),
     Stage("compiled", "compiled"),
 )}
 
@@ -65,8 +69,8 @@ def skip_reason(stage: Stage, device: str) -> str | None:
         return "needs CUDA"
     if stage.flash and importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed"
-    if stage.quantize and importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (docs/performance.md: carry its wheel)"
+    if stage.quantize and not supported(stage.quantize, device):
+        return f"this device has no {stage.quantize} kernels"
     return None
 
 

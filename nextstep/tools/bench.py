@@ -3,9 +3,11 @@
 Generates with a model directory (``--model``) or a named random configuration (``--config``:
 speed does not depend on the weights' values) and reports seconds per image, milliseconds per
 image token split into the token step (backbone and flow head; the backbone's share timed
-apart) and preview decoding, the final VAE decode, time to first preview, preview overhead (previews on versus off, same run) and peak
-memory. ``--compare-baseline`` also times a plain loop (KV cache grown per token, the flow head
-evaluated from scratch at every step, tokens gathered in a list) and reports the speedup.
+apart) and preview decoding, the final VAE decode, time to first preview, preview overhead
+(previews on versus off, same run), peak memory, and the bytes a token reads with the time they
+would take on a GPU. ``--compare-baseline`` also times a plain loop (KV cache grown per token, the
+flow head evaluated from scratch at every step, tokens gathered in a list) and reports the
+speedup; ``--schemes`` and ``--kernels`` compare the weight quantizations (``tools.schemes``).
 """
 
 from __future__ import annotations
@@ -13,152 +15,51 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
-from PIL import Image
 
-from ..engine.core import Hooks, Run
-from ..engine.preview import PREVIEW_MODES, PreviewWorker
+from ..engine.preview import PREVIEW_MODES
 from ..engine.sampling import sample_token
 from ..engine.settings import GenerationRequest, add_setting_flags, given_settings
-from ..engine.sizes import Size
 from ..loading.devices import pick_dtype, set_threads
 from ..loading.options import add_runtime_flags, runtime_options
+from ..loading.traffic import H100_BANDWIDTH
 from ..models.attention import AttentionPlan, attention_mask
 from ..models.tokens import normalize_tokens
 from ..pipeline import NextStepPipeline
 from ..serving.scheduler import Scheduler
 from ..serving.service import FRAME_INTERVAL
 from .plan import count_report, format_count, format_plan, plan_report
+from .schemes import (
+    format_kernels,
+    format_schemes,
+    format_traffic,
+    kernels,
+    scheme_choices,
+    schemes,
+    traffic_fields,
+)
 from .shapes import (
     CONFIGS,
     INSTRUCTION,
     NEGATIVE,
     PROMPT,
-    random_pipeline,
 )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PhaseTimer(Hooks):
-    """The engine's hooks, adding up wall time per phase; synchronises the GPU around each phase."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = defaultdict(float)
-
-    @contextmanager
-    def timed(self, phase: str):
-        _synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _synchronize(self.device)
-            self.seconds[phase] += time.perf_counter() - start
-
-
-def timed_phases(pipe: NextStepPipeline, work: tuple, settings: dict, preview: str,
-                 preview_every: int) -> tuple[PhaseTimer, PreviewWorker]:
-    """One generation of ``work`` (prompt, input image or None) through the engine with a
-    ``PhaseTimer`` (its synchronisation makes it for the split only), and the preview worker
-    that decoded its previews (with their count and time)."""
-    engine, timer = pipe.engine, PhaseTimer(pipe.device)
-    previews = PreviewWorker(engine.previewer, engine.device)
-    run = Run(engine.request(*work, **settings), None, _Discard(), preview, preview_every)
-    run.job = engine.prepare(run.request)
-    for _ in engine.decode([run], timer, previews):
-        pass
-    engine.finish(run, timer)
-    previews.wait_idle()
-    return timer, previews
-
-
-class _Discard:
-    """A sink that keeps nothing: the split needs only the timer."""
-
-    def should_stop(self) -> bool:
-        return False
-
-    def wants_progress(self) -> bool:
-        return False
-
-    def progress(self, event) -> None:
-        pass
-
-    def dropped(self) -> None:
-        pass
-
-
-@torch.inference_mode()
-def backbone_step_seconds(pipe: NextStepPipeline, rows: int, context: int, repeat: int = 20) -> float:
-    """Seconds of one backbone decode step for ``rows`` rows after ``context`` cached slots, timed
-    apart from the token loop (the loop's step runs backbone and flow head together)."""
-    model, device = pipe.model, pipe.device
-    cache = model.new_cache(rows, context + 1)
-    cache.key_valid[:, :context] = True
-    embed = torch.zeros(rows, 1, model.config.hidden_size, device=device, dtype=model.dtype)
-    slot = torch.tensor([context], device=device)
-    valid = torch.ones(rows, 1, dtype=torch.bool, device=device)
-    model.forward_backbone(embed, slot, valid, cache)  # warm-up
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        model.forward_backbone(embed, slot, valid, cache)
-    _synchronize(device)
-    return (time.perf_counter() - start) / repeat
-
-
-def edit_input(size: Size) -> Image.Image:
-    """A smooth synthetic picture to edit (speed does not depend on what it shows)."""
-    ramp = Image.linear_gradient("L").resize((size.width, size.height))
-    return Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.transpose(Image.Transpose.FLIP_TOP_BOTTOM)))
-
-
-def timed_generation(pipe: NextStepPipeline, work: tuple, settings: dict, preview: str, preview_every: int) -> dict:
-    _synchronize(pipe.device)
-    start = time.perf_counter()
-    first_preview = None
-    for event in pipe.stream(*work, preview=preview, preview_every=preview_every, **settings):
-        if event.preview is not None and first_preview is None:
-            first_preview = time.perf_counter() - start
-        if event.result is not None:
-            result = event.result
-    _synchronize(pipe.device)
-    return dict(seconds=time.perf_counter() - start, first_preview=first_preview, result=result)
-
-
-def paired(timed: Callable, preview: str, repeat: int) -> list[tuple]:
-    """``repeat`` pairs (``timed("none")``, ``timed(preview)``), the one with previews first in every other."""
-    pairs = []
-    for index in range(repeat):
-        if index % 2:
-            on = timed(preview)
-            pairs.append((timed("none"), on))
-        else:
-            pairs.append((timed("none"), timed(preview)))
-    return pairs
-
-
-def timed_on_page(scheduler: Scheduler, work: tuple, settings: dict, preview: str, preview_every: int) -> float:
-    """Seconds to the result of one request through the scheduler, as the page runs it (previews
-    decoded beside the token loop, at most one per frame the page sends)."""
-    _synchronize(scheduler.engine.device)
-    start = time.perf_counter()
-    for _ in scheduler.submit(*work, preview=preview, preview_every=preview_every, **settings):
-        pass
-    return time.perf_counter() - start
+from .timing import (
+    backbone_step_seconds,
+    bench_pipeline,
+    edit_input,
+    paired,
+    peak_memory_mb,
+    synchronize,
+    timed_generation,
+    timed_on_page,
+    timed_phases,
+)
 
 
 class GrowingKVCache:
@@ -214,21 +115,6 @@ def plain_generate(pipe: NextStepPipeline, request: GenerationRequest) -> torch.
     return torch.stack(tokens, dim=1).float().cpu()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def bench_pipeline(args, quantize: str | None) -> NextStepPipeline:
-    """The model the flags name (``--model``), or random weights of ``--config``'s shape."""
-    dtype = pick_dtype(args.dtype, args.device)
-    if args.model:
-        return NextStepPipeline.from_pretrained(args.model, vae=args.vae, device=args.device, dtype=dtype,
-                                                quantize=quantize)
-    return random_pipeline(args.config, args.device, dtype, quantize)
-
-
 def run(args) -> dict:
     pipe = bench_pipeline(args, args.quantize)
     pipe.compile(args.step)
@@ -258,7 +144,7 @@ def run(args) -> dict:
     prompt_rows = pipe.engine.prepare(request).input_ids  # (branches * images, prompt length)
     backbone = backbone_step_seconds(pipe, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2)
     report = dict(
-        model=pipe.name, device=str(pipe.device), dtype=args.dtype, quantize=args.quantize, edit=args.edit,
+        model=pipe.name, device=str(pipe.device), dtype=args.dtype, quantize=pipe.model.quantization, edit=args.edit,
         rows=prompt_rows.shape[0], size=size.value, tokens=tokens,
         num_sampling_steps=request.num_sampling_steps, cfg=request.cfg, sampler=request.sampler,
         preview=args.preview,
@@ -283,15 +169,17 @@ def run(args) -> dict:
     if args.compare_baseline:
         baseline_seconds = math.inf
         for _ in range(args.repeat):
-            _synchronize(pipe.device)
+            synchronize(pipe.device)
             start = time.perf_counter()
             baseline_tokens = plain_generate(pipe, request)
-            _synchronize(pipe.device)
+            synchronize(pipe.device)
             baseline_seconds = min(baseline_seconds, time.perf_counter() - start)
         # The plain loop stops at the tokens; the final decode is the same work in both.
         report["baseline_seconds_per_image"] = baseline_seconds + split["finish"]
         report["speedup_over_baseline"] = report["baseline_seconds_per_image"] / plain["seconds"]
         report["baseline_max_token_difference"] = (baseline_tokens - plain["result"].tokens).abs().max().item()
+    report.update(traffic_fields(pipe, args, prompt_rows.shape[0], prompt_rows.shape[1] + tokens // 2,
+                                 request.num_sampling_steps, tokens))
     report["peak_memory_mb"] = peak_memory_mb(pipe.device)
     return report
 
@@ -325,11 +213,12 @@ def format_table(report: dict) -> str:
             f"speedup x{report['speedup_over_baseline']:.2f} (max token difference "
             f"{report['baseline_max_token_difference']:.1e})"
         )
+    lines.append(format_traffic(report))
     lines.append(f"peak memory         {report['peak_memory_mb']:.0f} MB")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nextstep.tools.bench", description=__doc__.split("\n\n")[0])
     add_runtime_flags(parser, embedded_default=False, edit=False)
     parser.add_argument("--config", choices=sorted(CONFIGS),
@@ -338,25 +227,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview", choices=list(PREVIEW_MODES), default="fast")
     parser.add_argument("--preview-every", type=int, default=8)
     parser.add_argument("--edit", action="store_true", help="an edit of a synthetic picture (3 guidance rows)")
-    parser.add_argument("--fairness", action="store_true",
-                        help="how long a 1-image request takes alone and batched with a 4-image one that "
-                             "wants exact previews every token, on the page's scheduler")
-    parser.add_argument("--break-even", action="store_true",
-                        help="whether compiling the step pays here: eager and compiled seconds per image, the "
-                             "compile's cost (with the inductor cache as it is) and the images that repay it")
-    parser.add_argument("--plan", action="store_true",
-                        help="print the memory plan for the request, and what a ZeroGPU task would reserve for it "
-                             "(nothing is allocated)")
-    parser.add_argument("--count-ops", action="store_true",
-                        help="print the operations one eager token dispatches, by part, counted on the meta device")
     parser.add_argument("--compare-baseline", action="store_true", help="also time the plain loop")
+    reports = parser.add_argument_group("other reports (one at a time)")
+    for flag, help_text in REPORT_HELP.items():
+        reports.add_argument(flag, action="store_true", help=help_text)
+    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH / 1e9,
+                        help="GPU memory bandwidth in GB/s for the time the bytes per token imply "
+                             "[default: an H100 SXM's 3350]")
     parser.add_argument("--repeat", type=int, default=5,
                         help="time each variant this many times, keep the best (previews off and on: in "
                              "pairs, the median of their ratios)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+REPORT_HELP = {
+    "--plan": "print the memory plan for the request, the bytes a token reads, and what a ZeroGPU task would "
+              "reserve for it (nothing is allocated; with --schemes: for each weight quantization)",
+    "--count-ops": "print the operations one eager token dispatches, by part, counted on the meta device",
+    "--schemes": "each weight quantization the device runs, unquantized first, on the same requests: seconds per "
+                 "image, bytes per token and the GPU time they imply, and the largest token difference and image "
+                 "PSNR against unquantized over three prompts",
+    "--kernels": "the backbone's matrix products alone, at the model's shapes (one decoder layer's linears, random "
+                 "weights), for each weight quantization the device runs: ms per token for all layers and the GB/s "
+                 "of weights read (with --step compiled: compiled)",
+    "--break-even": "whether compiling the step pays here: eager and compiled seconds per image, the compile's cost "
+                    "(with the inductor cache as it is) and the images that repay it",
+    "--fairness": "how long a 1-image request takes alone and batched with a 4-image one that wants exact "
+                  "previews every token, on the page's scheduler",
+}
+
+
+def report_of(args) -> tuple[object, Callable]:
+    """The report the flags ask for, and how to print it as text."""
+    if args.plan:
+        dtype = pick_dtype(args.dtype, args.device)
+        plans = [plan_report(args, dtype, quantize)
+                 for quantize in (scheme_choices(args) if args.schemes else [args.quantize])]
+        return (plans, lambda plans: "\n".join(map(format_plan, plans))) if args.schemes else (plans[0], format_plan)
+    for flag, (make, text) in {
+        "count_ops": (count_report, format_count), "kernels": (kernels, format_kernels),
+        "schemes": (schemes, format_schemes), "break_even": (break_even, format_break_even),
+        "fairness": (fairness, format_fairness),
+    }.items():
+        if getattr(args, flag):
+            return make(args), text
+    return run(args), format_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = parser()
+    args = flags.parse_args(argv)
     if args.model and args.config:
-        parser.error("--model and --config name two models: give one")
+        flags.error("--model and --config name two models: give one")
     args.config = args.config or "tiny"
     options = runtime_options(args)
     args.device, args.dtype = options.torch_device, str(options.torch_dtype).removeprefix("torch.")
@@ -364,21 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     # ZeroGPU's default step, a replayed CUDA graph, unless told eager.
     args.step, args.zero_gpu_graph = ("eager" if options.step == "auto" else options.step), options.step != "eager"
     set_threads(args.device, args.threads)
-    if args.plan or args.count_ops:
-        dtype = pick_dtype(args.dtype, args.device)
-        report = plan_report(args, dtype) if args.plan else count_report(args, dtype)
-        print(json.dumps(report) if args.json else (format_plan if args.plan else format_count)(report))
-        return 0
-    if args.break_even:
-        report = break_even(args)
-        print(json.dumps(report) if args.json else format_break_even(report))
-        return 0
-    if args.fairness:
-        report = fairness(args)
-        print(json.dumps(report) if args.json else format_fairness(report))
-        return 0
-    report = run(args)
-    print(json.dumps(report) if args.json else format_table(report))
+    report, text = report_of(args)
+    print(json.dumps(report) if args.json else text(report))
     return 0
 
 

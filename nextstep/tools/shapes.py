@@ -55,7 +55,8 @@ def random_config(name: str) -> tuple[NextStepConfig, VAEConfig, object]:
 
 
 def random_pipeline(name: str, device: str, dtype: torch.dtype, quantize: str | None = None) -> NextStepPipeline:
-    """A pipeline of the named shape with random weights and a small word-level tokenizer."""
+    """A pipeline of the named shape with random weights (the same ones every time: the quantization
+    comparison compares pictures) and a small word-level tokenizer."""
     config, vae_config, tokenizer = random_config(name)
     model = NextStepModel.with_random_weights(config, device, dtype)
     if quantize:
@@ -63,6 +64,7 @@ def random_pipeline(name: str, device: str, dtype: torch.dtype, quantize: str | 
     with torch.device("meta"):
         vae = AutoencoderKL(vae_config).to(dtype)
     vae.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     for parameter in vae.parameters():
-        parameter.data.normal_(0.0, 0.02)
+        parameter.data.normal_(0.0, 0.02, generator=generator)
     return NextStepPipeline(model, vae.eval(), tokenizer, name=f"random {name}")

@@ -74,10 +74,23 @@ def test_kv_cache_is_what_the_static_cache_allocates():
 
 
 @pytest.mark.parametrize("dtype, quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8"),
-                                             (torch.bfloat16, "int8"), (torch.bfloat16, "fp8")])
+                                             (torch.bfloat16, "int8"), (torch.bfloat16, "fp8"), (torch.float32, "int4"),
+                                             (torch.bfloat16, "int4")])
 def test_planned_weights_equal_the_loaded_model(dtype, quantize):
     model = load_model(TINY / "model", dtype=dtype, quantize=quantize)
     assert plan(TINY / "model", TINY / "vae", dtype, quantize, "cpu").weights_bytes == held_bytes(model)
+
+
+def test_int4_brings_the_14b_model_under_12_gb():
+    """NextStep-1-Large at 512x512 on a GPU in bfloat16: 4 bits and a bfloat16 scale and zero per 128
+    weights for the backbone's linears (0.53 bytes a weight), the rest as loaded."""
+    config, vae = large_config()
+    text = plan(config, vae, torch.bfloat16, "int4", "cuda", Workload.text_to_image(), name="nextstep-1-large")
+    edit = plan(config, vae, torch.bfloat16, "int4", "cuda", Workload.edit(), name="nextstep-1-large")
+    # The edit's working set holds its prefill beside the previous batch's VAE decode.
+    assert text.peak_bytes <= 11.5 * GIB and edit.peak_bytes <= 15.5 * GIB
+    assert text.to_dict()["weights_gib"] == pytest.approx(8.34, abs=0.01)
+    assert text.working_bytes == plan(config, vae, torch.bfloat16, None, "cuda", Workload.text_to_image()).working_bytes
 
 
 def test_a_model_that_does_not_fit_is_refused_with_the_need_the_free_memory_and_the_options():
@@ -89,7 +102,8 @@ def test_a_model_that_does_not_fit_is_refused_with_the_need_the_free_memory_and_
         result.check(free)
     message = str(caught.value)
     assert "NextStep-1-Large" in message and "peak 32." in message and "22.00 GiB is free" in message
-    assert "--quantize int8 (needs 20." in message and "smaller request" in message
+    assert "--quantize int8 (needs 20.06" in message and "--quantize int4 (needs 14.29" in message
+    assert "smaller request" in message
     assert isinstance(caught.value, ValueError)  # front ends show ValueErrors as messages
     plan(config, vae, torch.bfloat16, "int8", "cpu", Workload.edit()).check(free)  # the option it names fits
 

@@ -67,3 +67,39 @@ def test_break_even_on_tiny(capsys):
     images = report["break_even_images"]
     assert images is None or images * (report["eager_seconds_per_image"] - report["compiled_seconds_per_image"]) \
         == pytest.approx(report["compile_seconds"])
+
+
+def test_schemes_on_tiny(capsys):
+    """Every scheme this machine runs, against unquantized: speed, bytes per token and quality."""
+    assert bench.main(["--config", "tiny", "--size", "32x32", "--num-sampling-steps", "2", "--repeat", "1",
+                       "--schemes", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    runs = {run["quantize"]: run for run in report["runs"]}
+    assert list(runs) == ["none", "int8", "int4", "fp8"]
+    assert runs["none"]["max_token_difference"] == 0 and runs["none"]["min_psnr_db"] == float("inf")
+    for run in runs.values():
+        assert run["seconds_per_image"] > 0 and run["gpu_seconds_per_image"] > 0
+    # Packed weights read fewer bytes; int8 converted per call in eager mode reads more on a GPU.
+    assert runs["int4"]["mb_per_token"] < runs["int8"]["mb_per_token"] < runs["none"]["mb_per_token"]
+    assert runs["int4"]["gpu_mb_per_token"] < runs["none"]["gpu_mb_per_token"] < runs["int8"]["gpu_mb_per_token"]
+    assert runs["int8"]["gpu_seconds_per_image_compiled"] < runs["none"]["gpu_seconds_per_image_compiled"]
+
+
+def test_kernels_on_tiny(capsys):
+    assert bench.main(["--config", "tiny", "--kernels", "--repeat", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    runs = {run["quantize"]: run for run in report["runs"]}
+    assert report["rows"] == 2 and report["layers"] == 2
+    assert runs["int4"]["mb_per_layer"] < runs["int8"]["mb_per_layer"] < runs["none"]["mb_per_layer"]
+    assert all(run["ms_per_token"] > 0 for run in runs.values())
+
+
+def test_the_plans_of_every_scheme_at_the_real_shape(capsys):
+    assert bench.main(["--config", "nextstep-1-large", "--plan", "--schemes", "--dtype", "bfloat16", "--device", "cuda",
+                       "--json"]) == 0
+    plans = {p["quantize"]: p for p in json.loads(capsys.readouterr().out)}
+    assert list(plans) == [None, "int8", "int4", "fp8"]
+    assert plans["int4"]["peak_gib"] <= 11.5
+    assert plans["int4"]["traffic"]["total_mb"] < plans["fp8"]["traffic"]["total_mb"] < plans[None]["traffic"]["total_mb"]
+    assert plans[None]["seconds_per_image_from_bytes"] == pytest.approx(
+        1024 * plans[None]["traffic"]["total_mb"] * 1e6 / 3.35e12)
