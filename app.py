@@ -32,15 +32,27 @@ from nextstep.page.guard import (
 )
 from nextstep.page.layout import build_demo, launch
 from nextstep.serving.compose import Services, load_services, remote_services
+from nextstep.serving.quota import QuotaPolicy
 from nextstep.serving.zerogpu import on_zero_gpu
 
 
 def serve_models(options: RuntimeOptions, frame_interval: float | None = None) -> Services:
     """The models ``options`` name, served on ZeroGPU through ``spaces.GPU`` where this process
-    runs on ZeroGPU hardware, else through the in-process scheduler."""
-    gpu = spaces.GPU if spaces is not None and on_zero_gpu() else None
+    runs on ZeroGPU hardware (visitors' quotas counted as spaces counts them), else through the
+    in-process scheduler."""
     timing = {} if frame_interval is None else {"frame_interval": frame_interval}
-    return load_services(options, gpu=gpu, **timing)
+    if spaces is None or not on_zero_gpu():
+        return load_services(options, **timing)
+    return load_services(options, gpu=spaces.GPU, quota=QuotaPolicy.from_environment(factor=duration_factor()),
+                         **timing)
+
+
+def duration_factor() -> float:
+    """What spaces multiplies a reservation by on this hardware before asking for it (1.5 on half an
+    RTX Pro 6000, 1 on an H200 slice; an ``xlarge`` task counts twice instead)."""
+    from spaces.zero import config
+
+    return float(config.get_config()["duration_factor"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
