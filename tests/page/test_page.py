@@ -15,7 +15,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from nextstep.page.i18n import LANGUAGE
+from nextstep.page.visitors import reservation_note
 from nextstep.pnginfo import read_parameters
+from nextstep.serving.quota import QuotaExceeded, QuotaLedger, QuotaPolicy
+from nextstep.serving.service import Order, Visitor
+from nextstep.serving.zerogpu import GpuService, GpuTask
 
 from ..pages import (
     GENERATE,
@@ -210,3 +215,19 @@ def test_identical_results_never_rewrite_a_file_being_downloaded(served):
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     assert bodies and all(len(body) == length for length, body in bodies)
     assert all(Image.open(io.BytesIO(body)).size == (128, 64) for _, body in bodies)
+
+
+def test_the_reservation_note_shows_what_the_request_reserves_and_what_fits(tiny_pipe):
+    service = GpuService(GpuTask([tiny_pipe], 0.0, lambda task, **reservation: task), 0, QuotaLedger(QuotaPolicy()))
+    visitor = Visitor("address:a")
+    order = Order("a picture", settings=dict(size="64x64", num_sampling_steps=2, num_images=1), visitor=visitor)
+    seconds = service.reservation(order)
+    note = reservation_note(service, order)
+    assert f"reserves **{seconds} s**" in note and "120 s a day" in note and "Sign in" in note and "⚠" not in note
+    service.quota.learn(visitor, QuotaExceeded("left", seconds + 5, seconds - 1, "anonymous"))
+    assert "⚠" in reservation_note(service, order) and "No smaller request" in reservation_note(service, order)
+    LANGUAGE.set("zh-CN")
+    try:
+        assert f"预留 **{seconds} 秒**" in reservation_note(service, order)
+    finally:
+        LANGUAGE.set("en")
