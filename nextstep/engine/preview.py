@@ -68,6 +68,20 @@ def mask_unsampled(pixels: torch.Tensor, grid: tuple[int, int], done: int) -> to
     return out
 
 
+def replay_stages(images: list[Image.Image], tokens: int, count: int) -> list[list[Image.Image]]:
+    """A finished request's pictures as they were being sampled, at ``count`` evenly spaced points,
+    then as they are: each the final picture masked as ``mask_unsampled`` masks a preview. A token
+    never changes once sampled, so a point's sampled area is the final one's; nothing is decoded
+    again (near the front, the VAE's picture of a partial grid may differ by a few pixels)."""
+    width, height = images[0].size
+    down = round(math.sqrt(width * height / tokens))  # pixels per token side
+    grid = (height // down, width // down)
+    pixels = torch.stack([torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+                          .reshape(height, width, 3).permute(2, 0, 1) for image in images]).float() / 127.5 - 1
+    points = [round(tokens * index / (count + 1)) for index in range(1, count + 1)]
+    return [*(to_pil(mask_unsampled(pixels, grid, done)) for done in points), list(images)]
+
+
 def decode_tokens(vae: AutoencoderKL, tokens: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
     """Image tokens (B, N, D) -> VAE pixels (B, 3, H, W), unclamped."""
     latents = vae.denormalize(unpatchify(tokens.to(vae.dtype), grid, patch))

@@ -27,6 +27,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from ..engine.inputs import clean_text
+from ..engine.preview import replay_stages
 from ..engine.settings import MAX_DRAWN_SEED
 from ..engine.sizes import Size
 from ..pnginfo import save_with_parameters
@@ -92,20 +93,45 @@ def tile(images: list[Image.Image]) -> Image.Image:
 # ---- what a tab shows of its runs ---------------------------------------------------------------
 
 
+REPLAY_BELOW = 3  # a run that showed fewer previews than this ends with a replay of its stages
+REPLAY_STAGES = 6
+REPLAY_STAGE_MS, REPLAY_END_MS = 150, 2000
+
+
+@dataclass
+class Replay:
+    """The stages of a finished run, the final picture last, shown once as an animation."""
+
+    frames: list[Image.Image]
+
+
+def replay_of(images: list[Image.Image], tokens: int) -> Replay:
+    """A run too quick for its previews to be seen: its stages (``replay_stages``), tiled."""
+    return Replay([tile(stage) for stage in replay_stages(images, tokens, REPLAY_STAGES)])
+
+
 class LivePreview(gr.Image):
-    """The live preview: each frame travels inside the stream as a JPEG data URL. Written to the
-    cache as files, as ``gr.Image`` does, a request's many frames would fill the disk whether or
-    not anyone looks, and a file removed once shown may still be on its way to a slow reader."""
+    """The live preview: each frame travels inside the stream as a JPEG data URL (a ``Replay`` as an
+    animated WebP that plays once). Written to the cache as files, as ``gr.Image`` does, a request's
+    many frames would fill the disk whether or not anyone looks, and a file removed once shown may
+    still be on its way to a slow reader."""
 
     is_template = True  # drawn by the frontend as a plain image
 
     def postprocess(self, value):
-        if not isinstance(value, Image.Image):
-            return super().postprocess(value)
         buffer = io.BytesIO()
-        value.convert("RGB").save(buffer, "JPEG", quality=90)
-        return ImageData(url="data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(),
-                         orig_name="preview.jpeg", mime_type="image/jpeg")
+        if isinstance(value, Replay):
+            first, *rest = [frame.convert("RGB") for frame in value.frames]
+            first.save(buffer, "WEBP", save_all=True, append_images=rest, loop=1, quality=90,
+                       duration=[REPLAY_STAGE_MS] * len(rest) + [REPLAY_END_MS])
+            kind = "webp"
+        elif isinstance(value, Image.Image):
+            value.convert("RGB").save(buffer, "JPEG", quality=90)
+            kind = "jpeg"
+        else:
+            return super().postprocess(value)
+        return ImageData(url=f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode(),
+                         orig_name=f"preview.{kind}", mime_type=f"image/{kind}")
 
 
 @dataclass
@@ -255,16 +281,20 @@ async def stream_to_page(service: Service, record: RunRecord, prompt: str, image
         # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
         # rebuilds a skipped component's whole config (its API schema included), which costs
         # far more than the frame itself and, with many users, slows the model's thread.
-        shown_preview = None
+        shown_preview, shown = None, 0
         # Closed with this generator (Stop closes it while it waits at a yield), not when collected.
         async with contextlib.aclosing(service.frames(ticket)) as frames:
             async for frame in frames:
                 if frame.result is not None:
                     result = frame.result
                     record.outcome = "done"
-                    yield (tile(result.images), result_files(result.images, result.parameters), status_line(frame),
+                    # A run too quick to show its stages replays them, from the final picture, once.
+                    picture = (replay_of(result.images, frame.total)
+                               if preview != "none" and shown < REPLAY_BELOW else tile(result.images))
+                    yield (picture, result_files(result.images, result.parameters), status_line(frame),
                            result.parameters, ticket.seed)
                 else:
+                    shown += bool(frame.preview)
                     shown_preview = tile(frame.preview) if frame.preview else shown_preview
                     yield shown_preview, None, status_line(frame), None, ticket.seed
         if record.outcome == "running" and watch is not None and watch.done():
