@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import gradio
+import httpx
 import pytest
 import yaml
 
@@ -13,6 +16,7 @@ import app
 from nextstep.loading import options
 
 from .conftest import ROOT
+from .pages import free_port
 
 # ---- flags --------------------------------------------------------------------------
 
@@ -64,3 +68,25 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = readme.split("## Run the tests")[1].split("```bash\n")[1].split("\n```")[0]
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_on_a_space_an_unloadable_model_is_a_page_that_says_why_not_a_crash_loop(tmp_path):
+    port = free_port()
+    env = dict(os.environ, SPACE_ID="someone/nextstep-studio", GRADIO_SERVER_PORT=str(port), NEXTSTEP_MODEL="/no/such/model")
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up once the page answers
+            assert server.poll() is None, f"app.py exited: {server.stderr.read()}"
+            try:
+                config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=5).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the page did not come up"
+                time.sleep(0.2)
+        shown = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
+        assert "/no/such/model" in shown["unavailable-reason"] and "unavailable.fix" in shown["unavailable-fix"]
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -105,6 +105,17 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         "`--edit-model` (for example `stepfun-ai/NextStep-1-Large-Edit`) to edit images.",
         "未加载可编辑图片的模型：当前检查点不接受输入图片。请用 `--edit-model`（例如 "
         "`stepfun-ai/NextStep-1-Large-Edit`）启动应用以编辑图片。"),
+    # ---- a Space whose model cannot be loaded
+    "unavailable": ("**The model could not be loaded**, so this Space cannot generate images right now. The loader said:",
+                    "**模型无法加载**，因此本 Space 暂时无法生成图片。加载器给出的原因："),
+    "unavailable.fix": (
+        "How to fix it: in the Space's settings, check the variables `NEXTSTEP_MODEL` (for example "
+        "`stepfun-ai/NextStep-1.1`), `NEXTSTEP_EDIT_MODEL` and `NEXTSTEP_VAE`, and the hardware (a 14B model needs "
+        "a GPU: ZeroGPU, or 48 GB for one model in bfloat16); remove the variables to serve the embedded model. "
+        "Then restart the Space. docs/deploy.md has the details.",
+        "修复方法：在 Space 设置中检查变量 `NEXTSTEP_MODEL`（例如 `stepfun-ai/NextStep-1.1`）、`NEXTSTEP_EDIT_MODEL` 和 "
+        "`NEXTSTEP_VAE`，以及硬件（14B 模型需要 GPU：ZeroGPU，或以 bfloat16 运行单个模型需 48 GB 显存）；删除这些变量"
+        "即可运行内置模型。然后重启 Space。详见 docs/deploy.md。"),
     # ---- ZeroGPU: the reservation, the quick preset, signing in
     "sign_in": ("Sign in with Hugging Face", "使用 Hugging Face 登录"),
     "quick": ("Quick look ({size}, {steps} steps)", "快速预览（{size}，{steps} 步）"),
