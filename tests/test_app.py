@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 
 import gradio
 import httpx
@@ -14,6 +15,7 @@ import yaml
 
 import app
 from nextstep.loading import options
+from nextstep.loading.hub import CHECKPOINT_FILES
 
 from .conftest import ROOT
 from .pages import free_port
@@ -90,3 +92,22 @@ def test_on_a_space_an_unloadable_model_is_a_page_that_says_why_not_a_crash_loop
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_the_card_leads_with_nextstep_11_offers_sign_in_and_preloads_only_files_the_loader_reads(monkeypatch):
+    card = yaml.safe_load((ROOT / "README.md").read_text().split("---\n")[1])
+    assert card["models"][0] == "stepfun-ai/NextStep-1.1" and "stepfun-ai/NextStep-1-Large-Edit" in card["models"]
+    assert card["hf_oauth"] is True
+    preloaded = {}
+    for line in card["preload_from_hub"]:
+        repository, files = line.split(" ")
+        preloaded[repository] = files.split(",")
+    assert set(preloaded) == set(card["models"]), "each model of the card is preloaded"
+    for repository, files in preloaded.items():
+        assert "config.json" in files
+        unread = [name for name in files if not any(fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)]
+        assert not unread, f"{repository}: files the loader never reads: {unread}"
+    assert {"vae/config.json", "vae/checkpoint.pt"} <= set(preloaded["stepfun-ai/NextStep-1.1"])  # its bundled VAE
+    # With no variables set, a (duplicated) Space starts on the embedded model.
+    monkeypatch.delenv("NEXTSTEP_MODEL", raising=False)
+    assert app.parse_args([]).options.model == str(options.EMBEDDED_MODEL)
