@@ -74,36 +74,15 @@ class QuotaExceeded(RuntimeError):
     """A request ZeroGPU would refuse, or did, for the visitor's quota. ``kind``: "per_call" (over
     the tier's ceiling), "left" (over what is left today), "space" (ZeroGPU knew no visitor: the
     Space's own quota), "runs", "pending" or "queue" (no GPU came in time). ``fits``: changes of the
-    order that would fit, each with the seconds it counts."""
+    order that would fit, each with the seconds it counts. The page writes the visitor's message
+    from these (``page.visitors.quota_message``); ``said`` is spaces' own text, where it came from
+    ZeroGPU."""
 
     def __init__(self, kind: str, counted: int | None, limit: int | None = None, tier: str | None = None,
                  wait: timedelta | None = None, fits: tuple = (), said: str = ""):
         self.kind, self.counted, self.limit, self.tier, self.wait = kind, counted, limit, tier, wait
         self.fits, self.said = fits, said
-        super().__init__(english(self))
-
-
-def english(error: QuotaExceeded) -> str:
-    """The refusal's message in English (the page writes it in the visitor's language itself)."""
-    if error.kind in ("per_call", "left"):
-        if error.kind == "left":
-            limit = f"you have about {error.limit} s left today"
-        elif error.limit is None:
-            limit = "ZeroGPU grants you less at once"
-        else:
-            limit = f"a {error.tier} visitor may ask for at most {error.limit} s at once"
-        text = f"This request counts {error.counted} s of ZeroGPU time; {limit}."
-        if error.fits:
-            text += " What fits: " + "; ".join(f"{describe_change(c)} ({s} s)" for c, s in error.fits) + "."
-        if error.wait is not None:
-            text += f" Or try again in {error.wait}."
-        return text
-    return f"ZeroGPU refused this request: {error.said or error.kind}"
-
-
-def describe_change(change: Mapping[str, object]) -> str:
-    [(name, value)] = change.items()
-    return {"num_images": f"{value} image", "num_sampling_steps": f"{value} sampling steps"}.get(name, f"size {value}")
+        super().__init__(f"ZeroGPU quota ({kind}): counts {counted} s, limit {limit} s, tier {tier}, wait {wait}")
 
 
 def what_fits(order: Order, limit: int, counted: Callable[[Order], int], current: Mapping[str, object],

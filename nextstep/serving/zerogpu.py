@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ..engine.core import check_preview
 from ..engine.settings import GenerationRequest
 from ..pipeline import NextStepPipeline
-from .quota import QuotaExceeded, QuotaLedger, QuotaPolicy, english, read_refusal, what_fits
+from .quota import QuotaExceeded, QuotaLedger, QuotaPolicy, read_refusal, what_fits
 from .reservation import Reservation
 from .service import Allowance, FrameThrottle, ModelFacts, Order, Progress, Visitor
 
@@ -178,7 +178,6 @@ class GpuService(ModelFacts):
             self.quota.learn(ticket.visitor, refusal)
             limit = refusal.limit if refusal.kind == "left" else None
             refusal.fits = self._fits(ticket, limit) if limit is not None else ()
-            refusal.args = (english(refusal),)
         return refusal
 
     async def frames(self, ticket: GpuTicket) -> AsyncIterator[Progress]:
