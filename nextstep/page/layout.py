@@ -23,7 +23,7 @@ from .runs import (
     run_buttons,
     wire_runs,
 )
-from .visitors import has_quota, reservation_note, sign_in_offered, stand_in_image, visitor_of
+from .visitors import SignInButton, has_quota, reservation_note, sign_in_offered, stand_in_image, visitor_of
 
 TITLE = "NextStep Studio"
 CSS = (
@@ -197,7 +197,7 @@ def build_demo(services: Services, limits: PageLimits | None = None, mcp: bool =
         with gr.Row():
             gr.Markdown(f"# {TITLE}\n{text('header')}", elem_id="header")
             if sign_in_offered(services.generator):
-                gr.LoginButton(value=str(text("sign_in")), elem_id="sign-in", scale=0)
+                SignInButton(value=str(text("sign_in")), elem_id="sign-in", scale=0)
         with gr.Tabs() as tabs:
             with gr.Tab(text("tab.generate"), id="generate"):
                 generate, generate_examples, send_to_edit = generate_tab(services.generator, available)

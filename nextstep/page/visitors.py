@@ -8,16 +8,18 @@ that reserves nothing (in-process, Ray) has no note and no button.
 
 from __future__ import annotations
 
+import json
 import os
 
 import gradio as gr
+from gradio.components import login_button
 from PIL import Image
 
 from ..engine.sizes import Size
 from ..serving.quota import QuotaExceeded, what_fits
 from ..serving.service import Allowance, Order, Service, Visitor
 from .guard import PageLimits, client_address
-from .i18n import say
+from .i18n import CATALOGUE, say
 
 PROBE = Visitor("nobody")  # asks a service whether quotas apply at all
 
@@ -54,6 +56,23 @@ def sign_in_offered(service: Service | None) -> bool:
     """The Sign in button is shown on ZeroGPU only (signed-in visitors get more GPU time there),
     and only where the Space has Hugging Face sign-in (``hf_oauth: true`` sets OAUTH_CLIENT_ID)."""
     return has_quota(service) and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
+class SignInButton(gr.LoginButton):
+    """``gr.LoginButton`` labelled in the visitor's language. Gradio's own tells signing in from
+    signing out by comparing the label it shows with its default one; translated in the browser,
+    the label is compared with its every translation instead."""
+
+    def get_block_name(self) -> str:
+        return "button"  # drawn by the frontend as Gradio's login button is: a plain button
+
+    def activate(self):
+        default = "buttonValue === BUTTON_DEFAULT_VALUE"
+        assert default in login_button._js_handle_redirect, "Gradio's sign-in script changed"
+        labels = json.dumps([self.value, *CATALOGUE["sign_in"]])
+        script = login_button._js_handle_redirect.replace(default, f"{labels}.includes(buttonValue)")
+        self.click(fn=None, inputs=[self], outputs=None, js=script.replace("REDIRECT_URL", self.page))
+        self.attach_load_event(self._check_login_status, None)
 
 
 # ---- messages -----------------------------------------------------------------------------------

@@ -162,6 +162,7 @@ class DeviceAPI(ThreadingHTTPServer):
         self.calls: list[tuple[str, dict]] = []  # (path, query), in order
         self.changed = threading.Condition()
         self.refusals: list[tuple[dict, dict]] = []  # (body, headers) of the next /schedule answers
+        self.granted = 0  # GPUs granted, each released once its task ends
 
     def refuse_next(self, left: int, wait_seconds: int, auth: str | None = None) -> None:
         """Answer the next /schedule as ZeroGPU answers a request over the visitor's quota: 429,
@@ -171,8 +172,16 @@ class DeviceAPI(ThreadingHTTPServer):
             self.refusals.append(({"left": left, "wait": wait_seconds}, headers))
 
     def next_refusal(self) -> tuple[dict, dict] | None:
+        """The answer the next /schedule gets: a refusal the test asked for, or None (a GPU, granted)."""
         with self.changed:
-            return self.refusals.pop(0) if self.refusals else None
+            if self.refusals:
+                return self.refusals.pop(0)
+            self.granted += 1
+            return None
+
+    def wait_idle(self) -> None:
+        """Until every GPU granted so far was released (an earlier test's task may end after its answer)."""
+        self.wait_for(lambda: len(self.called("/release")) >= self.granted)
 
     @property
     def url(self) -> str:
@@ -345,6 +354,7 @@ def test_a_users_message_from_inside_the_gpu_task_reaches_the_page_whole(space):
 @pytest.mark.slow
 def test_stop_ends_the_gpu_task(space):
     url, api = space.url, space.api
+    api.wait_idle()
     scheduled, released = len(api.called("/schedule")), len(api.called("/release"))
     job = Client(url, verbose=False).submit(
         api_name="/generate", **dict(GENERATE, size="256x256", num_sampling_steps=50, preview="fast"))
