@@ -182,8 +182,8 @@ def wire_quick(tab: Tab) -> None:
     settings = tab.controls.settings
     button, quick = tab.quick
     button.click(lambda: [quick["size"], quick["num_sampling_steps"], quick["num_images"]], None,
-                    [settings["size"], settings["num_sampling_steps"], settings["num_images"]],
-                    api_visibility="private", queue=False)
+                 [settings["size"], settings["num_sampling_steps"], settings["num_images"]],
+                 api_visibility="private", queue=False)
 
 
 def build_demo(services: Services, limits: PageLimits | None = None, mcp: bool = False) -> gr.Blocks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -346,3 +347,13 @@ def test_the_page_speaks_the_browsers_language_and_generates(browser, url, local
         wait_for_result(page, "generate")
     finally:
         context.close()
+
+
+def test_quick_look_sets_its_preset(page, url):
+    label = page.locator("#generate-quick").inner_text()  # "Quick look (256×256, 25 steps)" on the tiny model
+    size, steps = re.search(r"\((\d+)×(\d+), (\d+) steps", label).group(1, 3)
+    set_slider(page, "generate-steps", 3)
+    page.click("#generate-quick")
+    page.wait_for_function("steps => document.querySelector('#generate-steps input[type=number]').value === steps",
+                           arg=steps, timeout=30_000)
+    assert page.locator("#generate-size input").input_value().startswith(f"{size} × {size}")

@@ -45,6 +45,7 @@ from nextstep.serving.zerogpu import GpuService, GpuTask
 from nextstep.tools.shapes import random_config
 
 from ..conftest import ROOT, TINY
+from ..page.test_browser import VIEWPORT, chromium, open_page, set_slider
 from ..pages import GENERATE, INPUT_IMAGE, free_port, got_result, preview_pixels
 
 # NextStep-1's official text-to-image request, and what an edit changes.
@@ -426,3 +427,27 @@ def test_the_page_offers_sign_in_and_shows_the_reservation_before_generate(space
     components = {component["props"].get("elem_id"): component for component in config["components"]}
     assert "sign_in" in components["sign-in"]["props"]["value"]  # gr.LoginButton, labelled in the visitor's language
     assert components["generate-reservation"]["props"]["visible"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_in_the_browser_the_reservation_shown_before_generate_is_the_one_requested(space):
+    with chromium() as browser:
+        context = browser.new_context(locale="en-US", viewport=VIEWPORT, extra_http_headers={
+            "X-Forwarded-For": "10.0.0.3", "X-IP-Token": ip_token("10.0.0.3")})
+        page = open_page(context, space.url)
+        note = "(document.querySelector('#generate-reservation [data-testid=markdown]')?.innerText ?? '')"
+        page.wait_for_function(f"{note}.includes('reserves')", timeout=30_000)  # the defaults' reservation
+        before = page.evaluate(note)
+        set_slider(page, "generate-steps", 2)  # one change: the note is brought up to date once
+        page.wait_for_function(f"before => {note} !== before", arg=before, timeout=30_000)
+        shown_note = page.evaluate(note)
+        shown = int(re.search(r"reserves (\d+) s", shown_note)[1])
+        assert "120 s a day" in shown_note and shown != int(re.search(r"reserves (\d+) s", before)[1])
+        page.fill("#generate-prompt textarea", "a red circle")
+        page.click("#generate-run")
+        page.wait_for_function("document.querySelector('#generate-status').innerText.startsWith('Done')",
+                               timeout=120_000)
+        requested = space.api.called("/schedule")[-1]
+        assert int(requested["durationSeconds"]) == shown and requested["token"] == ip_token("10.0.0.3")
+        context.close()
