@@ -131,12 +131,12 @@ class GpuService(ModelFacts):
         readable message; also when it would need more GPU time than ZeroGPU grants a task)."""
         ticket = self._ticket(order)
         seconds = self.task.duration(self.model, ticket.request, ticket.preview, ticket.preview_every)
+        self._check_quota(ticket, seconds)  # a visitor's refusal names what fits them
         if seconds > MAX_SECONDS:
             raise ValueError(
                 f"This request would need about {seconds} s of GPU time, more than the {MAX_SECONDS} s ZeroGPU "
                 "grants one task here: choose a smaller size, fewer sampling steps or fewer images."
             )
-        self._check_quota(ticket, seconds)
         return ticket
 
     def _ticket(self, order: Order) -> GpuTicket:
