@@ -94,6 +94,9 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "model.generate": ("**Generate tab**", "**生成**"),
     "model.edit": ("**Edit tab**", "**编辑**"),
     "model.same": ("The Edit tab uses the same model.", "编辑页使用同一个模型。"),
+    "model.xlarge": ("Two models need the whole ZeroGPU GPU (`xlarge`): every request counts twice its "
+                     "reservation against your quota.",
+                     "两个模型需要占用整块 ZeroGPU GPU（`xlarge`）：每次请求按预留时间的两倍计入你的配额。"),
     "model.embedded": (
         "This is the small model embedded in the repository, trained on coloured shapes. To serve "
         "NextStep-1.1 on a ZeroGPU Space, set the Space variable `NEXTSTEP_MODEL` to "

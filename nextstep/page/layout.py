@@ -23,7 +23,7 @@ from .runs import (
     run_buttons,
     wire_runs,
 )
-from .visitors import SignInButton, has_quota, reservation_note, sign_in_offered, stand_in_image, visitor_of
+from .visitors import PROBE, SignInButton, has_quota, reservation_note, sign_in_offered, stand_in_image, visitor_of
 
 TITLE = "NextStep Studio"
 CSS = (
@@ -149,6 +149,8 @@ def model_panel(services: Services) -> None:
             gr.Markdown(f"{text(key)}: `{info['checkpoint']}` · {figures}", elem_classes=["model-row"])
         if services.editor is services.generator:
             gr.Markdown(text("model.same"))
+        if (allowance := services.generator.allowance(PROBE)) is not None and allowance.xlarge:
+            gr.Markdown(text("model.xlarge"), elem_id="model-xlarge")
         if services.vae:
             gr.Markdown(f"VAE: `{services.vae}`")
         if any(service.describe()["checkpoint"] == EMBEDDED_MODEL.name for _, service in rows):

@@ -262,3 +262,10 @@ def test_a_run_too_quick_for_its_previews_replays_its_stages_ending_on_the_resul
     # Lossy WebP (its colour at half resolution) leaves the tiny model's pixel noise near, not equal.
     error = [np.abs(frame - final).mean() for frame in frames]
     assert error[-1] < 20 and error[-1] < 0.6 * min(error[:-1]), "it ends on the result"
+
+
+def test_on_the_whole_gpu_the_note_says_a_request_counts_twice(tiny_pipe):
+    task = GpuTask([tiny_pipe], 0.0, lambda task, **reservation: task, size="xlarge")
+    service = GpuService(task, 0, QuotaLedger(QuotaPolicy(xlarge=True)))
+    order = Order("a picture", settings=dict(size="64x64", num_sampling_steps=2), visitor=Visitor("address:b"))
+    assert f"It counts {2 * service.reservation(order)} s against your quota" in reservation_note(service, order)
