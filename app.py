@@ -30,17 +30,41 @@ from nextstep.page.guard import (
     PageLimits,
     trusted_proxies_default,
 )
+from nextstep.page.health import serve_unavailable
 from nextstep.page.layout import build_demo, launch
 from nextstep.serving.compose import Services, load_services, remote_services
+from nextstep.serving.quota import QuotaPolicy
 from nextstep.serving.zerogpu import on_zero_gpu
 
 
 def serve_models(options: RuntimeOptions, frame_interval: float | None = None) -> Services:
     """The models ``options`` name, served on ZeroGPU through ``spaces.GPU`` where this process
-    runs on ZeroGPU hardware, else through the in-process scheduler."""
-    gpu = spaces.GPU if spaces is not None and on_zero_gpu() else None
+    runs on ZeroGPU hardware (visitors' quotas counted as spaces counts them), else through the
+    in-process scheduler."""
     timing = {} if frame_interval is None else {"frame_interval": frame_interval}
-    return load_services(options, gpu=gpu, **timing)
+    if spaces is None or not on_zero_gpu():
+        return load_services(options, **timing)
+    return load_services(options, gpu=spaces.GPU, quota=QuotaPolicy.from_environment(factor=duration_factor()),
+                         **timing)
+
+
+def duration_factor() -> float:
+    """What spaces multiplies a reservation by on this hardware before asking for it (1.5 on half an
+    RTX Pro 6000, 1 on an H200 slice; an ``xlarge`` task counts twice instead)."""
+    from spaces.zero import config
+
+    return float(config.get_config()["duration_factor"])
+
+
+def no_gpu_work() -> None:
+    """Stands for the GPU task of a ZeroGPU Space that could not load its model."""
+
+
+def declare_gpu_function() -> None:
+    """On ZeroGPU, declare a GPU function even when no model could be loaded: spaces reports the
+    Space's start-up to ZeroGPU only once one exists."""
+    if spaces is not None and on_zero_gpu():
+        spaces.GPU(no_gpu_work)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,10 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         try:
             services = serve_models(args.options)
-        except NotEnoughMemoryError as error:
-            sys.exit(f"app.py: error: {error}")
-        except (ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
-            sys.exit(f"app.py: error: {error}\n(choose the checkpoint with --model, --edit-model and --vae)")
+        except (NotEnoughMemoryError, ModelNotFoundError, CheckpointMismatchError, ValueError) as error:
+            if os.environ.get("SPACE_ID"):  # on a Space: a page that says why, not a restart loop
+                LOG.error("app.py: the model could not be loaded: %s", error)
+                declare_gpu_function()
+                serve_unavailable(str(error), args.host, args.port)
+                return
+            hint = "" if isinstance(error, NotEnoughMemoryError) else \
+                "\n(choose the checkpoint with --model, --edit-model and --vae)"
+            sys.exit(f"app.py: error: {error}{hint}")
     limits = PageLimits(cache=CacheBound(limit=args.cache_limit * MB), trusted_proxies=args.trusted_proxies)
     launch(build_demo(services, limits, mcp=args.mcp), args.host, args.port)
 

@@ -45,6 +45,7 @@ def main() -> None:
             page.fill("#generate-prompt textarea", args.prompt)
             page.click("#generate-run")
             wait_for_result(page, "generate", timeout=600_000)
+            page.wait_for_timeout(1500)  # a quick run's replay of its stages plays out (about a second)
             page.evaluate("window.scrollTo(0, 0)")
             shot = page.screenshot()
     finally:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from fnmatch import fnmatch
 
 import gradio
+import httpx
 import pytest
 import yaml
 
 import app
 from nextstep.loading import options
+from nextstep.loading.hub import CHECKPOINT_FILES
 
 from .conftest import ROOT
+from .pages import free_port
 
 # ---- flags --------------------------------------------------------------------------
 
@@ -64,3 +70,44 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = readme.split("## Run the tests")[1].split("```bash\n")[1].split("\n```")[0]
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_on_a_space_an_unloadable_model_is_a_page_that_says_why_not_a_crash_loop(tmp_path):
+    port = free_port()
+    env = dict(os.environ, SPACE_ID="someone/nextstep-studio", GRADIO_SERVER_PORT=str(port), NEXTSTEP_MODEL="/no/such/model")
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up once the page answers
+            assert server.poll() is None, f"app.py exited: {server.stderr.read()}"
+            try:
+                config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=5).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the page did not come up"
+                time.sleep(0.2)
+        shown = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
+        assert "/no/such/model" in shown["unavailable-reason"] and "unavailable.fix" in shown["unavailable-fix"]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_the_card_leads_with_nextstep_11_offers_sign_in_and_preloads_only_files_the_loader_reads(monkeypatch):
+    card = yaml.safe_load((ROOT / "README.md").read_text().split("---\n")[1])
+    assert card["models"][0] == "stepfun-ai/NextStep-1.1" and "stepfun-ai/NextStep-1-Large-Edit" in card["models"]
+    assert card["hf_oauth"] is True
+    preloaded = {}
+    for line in card["preload_from_hub"]:
+        repository, files = line.split(" ")
+        preloaded[repository] = files.split(",")
+    assert set(preloaded) == set(card["models"]), "each model of the card is preloaded"
+    for repository, files in preloaded.items():
+        assert "config.json" in files
+        unread = [name for name in files if not any(fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)]
+        assert not unread, f"{repository}: files the loader never reads: {unread}"
+    assert {"vae/config.json", "vae/checkpoint.pt"} <= set(preloaded["stepfun-ai/NextStep-1.1"])  # its bundled VAE
+    # With no variables set, a (duplicated) Space starts on the embedded model.
+    monkeypatch.delenv("NEXTSTEP_MODEL", raising=False)
+    assert app.parse_args([]).options.model == str(options.EMBEDDED_MODEL)

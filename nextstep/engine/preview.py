@@ -2,7 +2,9 @@
 
 Tokens not sampled yet are zero (the mean of the normalised token space). ``"vae"`` runs the
 VAE decoder on that latent; ``"fast"`` applies a per-VAE linear map from latent channels to
-RGB and upsamples, at almost no cost.
+RGB and upsamples, at almost no cost. Either way the picture is then masked: where no token is
+sampled yet it shows a neutral fill (the decoder's guess of empty tokens is a purple-grey mush
+that reads as a broken picture), and a thin line marks the row being sampled.
 
 The fast map is fitted once per VAE, lazily on first use: a handful of smooth synthetic
 pictures are encoded and least squares relates each latent pixel to the mean colour of the
@@ -32,12 +34,52 @@ from ..models.tokens import unpatchify
 from ..models.vae import AutoencoderKL
 
 PREVIEW_MODES = {"vae": "Exact", "fast": "Fast", "none": "Off"}  # value -> label
+NEUTRAL = (204, 204, 204)  # RGB of the area no token has reached yet
+MARKER = (255, 128, 0)  # RGB of the line under the row being sampled
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) pixels in [-1, 1] -> RGB images; ``round(clamp(x/2 + 0.5, 0, 1) * 255)``."""
     values = torch.round((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
     return [Image.fromarray(v.permute(1, 2, 0).cpu().numpy()) for v in values]
+
+
+def _unit(rgb: tuple[int, int, int]) -> torch.Tensor:
+    """An RGB colour as (3, 1, 1) pixel values in [-1, 1], exact through ``to_pil``."""
+    return torch.tensor(rgb, dtype=torch.float32)[:, None, None] / 127.5 - 1
+
+
+def mask_unsampled(pixels: torch.Tensor, grid: tuple[int, int], done: int) -> torch.Tensor:
+    """(B, 3, H, W) pixels of a grid whose first ``done`` tokens (raster order) are sampled: the
+    rest painted ``NEUTRAL``, and a line of ``MARKER`` along the bottom of the row being sampled."""
+    rows, columns = grid
+    height, width = pixels.shape[-2:]
+    side_y, side_x = height // rows, width // columns  # pixels per token
+    row, column = divmod(done, columns)  # the row being sampled, and how far along it
+    if row >= rows:
+        return pixels
+    out = pixels.float().clone()
+    neutral, marker = _unit(NEUTRAL).to(out.device), _unit(MARKER).to(out.device)
+    out[..., (row + 1) * side_y:, :] = neutral
+    out[..., row * side_y:(row + 1) * side_y, column * side_x:] = neutral
+    thickness = max(1, side_y // 8)
+    bottom = (row + 1) * side_y
+    out[..., bottom - thickness:bottom, :] = marker
+    return out
+
+
+def replay_stages(images: list[Image.Image], tokens: int, count: int) -> list[list[Image.Image]]:
+    """A finished request's pictures as they were being sampled, at ``count`` evenly spaced points,
+    then as they are: each the final picture masked as ``mask_unsampled`` masks a preview. A token
+    never changes once sampled, so a point's sampled area is the final one's; nothing is decoded
+    again (near the front, the VAE's picture of a partial grid may differ by a few pixels)."""
+    width, height = images[0].size
+    down = round(math.sqrt(width * height / tokens))  # pixels per token side
+    grid = (height // down, width // down)
+    pixels = torch.stack([torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+                          .reshape(height, width, 3).permute(2, 0, 1) for image in images]).float() / 127.5 - 1
+    points = [round(tokens * index / (count + 1)) for index in range(1, count + 1)]
+    return [*(to_pil(mask_unsampled(pixels, grid, done)) for done in points), list(images)]
 
 
 def decode_tokens(vae: AutoencoderKL, tokens: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -67,14 +109,18 @@ class Previewer:
         self.patch = patch
         self._fast_map: torch.Tensor | None = None
 
-    def __call__(self, tokens: torch.Tensor, grid: tuple[int, int], mode: str) -> list[Image.Image]:
+    def __call__(self, tokens: torch.Tensor, grid: tuple[int, int], mode: str, done: int | None = None
+                 ) -> list[Image.Image]:
+        """The pictures of ``tokens`` (B, N, D) on ``grid``; with ``done``, those not sampled yet masked."""
         if mode == "vae":
-            return to_pil(decode_tokens(self.vae, tokens, grid, self.patch))
-        if self._fast_map is None:
-            self._fast_map = fit_fast_preview(self.vae)
-        latents = unpatchify(tokens.float().cpu(), grid, self.patch)  # (B, z, h*p, w*p)
-        rgb = torch.einsum("bchw,cd->bdhw", latents, self._fast_map[:-1]) + self._fast_map[-1][None, :, None, None]
-        return to_pil(F.interpolate(rgb, scale_factor=self.vae.config.downsample_factor, mode="nearest"))
+            pixels = decode_tokens(self.vae, tokens, grid, self.patch)
+        else:
+            if self._fast_map is None:
+                self._fast_map = fit_fast_preview(self.vae)
+            latents = unpatchify(tokens.float().cpu(), grid, self.patch)  # (B, z, h*p, w*p)
+            rgb = torch.einsum("bchw,cd->bdhw", latents, self._fast_map[:-1]) + self._fast_map[-1][None, :, None, None]
+            pixels = F.interpolate(rgb, scale_factor=self.vae.config.downsample_factor, mode="nearest")
+        return to_pil(pixels if done is None else mask_unsampled(pixels, grid, done))
 
 
 class PreviewWorker:
@@ -88,7 +134,7 @@ class PreviewWorker:
     shows a frame per ``frame_interval`` at most; decoding more would only take the processor
     (and, on a CPU, the interpreter's lock) from the token loop for pictures nobody sees."""
 
-    def __init__(self, decode: Callable[[torch.Tensor, tuple[int, int], str], list[Image.Image]], device,
+    def __init__(self, decode: Callable[[torch.Tensor, tuple[int, int], str, int], list[Image.Image]], device,
                  min_interval: float = 0.0):
         self._decode = decode
         self._device = torch.device(device)
@@ -127,7 +173,7 @@ class PreviewWorker:
                 with torch.inference_mode(), on_stream:
                     if ready is not None:
                         self._stream.wait_event(ready)
-                    images = self._decode(tokens, run.job.grid, run.preview)  # PIL images: on the host by now
+                    images = self._decode(tokens, run.job.grid, run.preview, done)  # PIL images: on the host now
                 self.decoded, self.decode_seconds = self.decoded + 1, self.decode_seconds + time.perf_counter() - start
                 run.sink.progress(make_event(done, images))
             except Exception as error:  # noqa: BLE001 - a preview that fails must not fail its request

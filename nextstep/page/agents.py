@@ -24,7 +24,9 @@ from ..engine.settings import SETTINGS
 from ..serving.service import Service
 from .controls import refusal
 from .guard import MAX_FILE_SIZE, PageLimits, ReaderWatch
-from .runs import MODEL_QUEUE, NO_EDIT_MODEL, Tab, final_image_of, input_image
+from .i18n import say
+from .runs import MODEL_QUEUE, Tab, final_image_of, input_image
+from .visitors import visitor_of
 
 # What the tools' parameters mean, for agents (the settings' own help besides these).
 TOOL_PARAMETERS = {
@@ -60,7 +62,8 @@ def wire_tools(demo: gr.Blocks, generate: Tab, edit: Tab, generator: Service, ed
     async def final(service: Service, request: gr.Request, values: dict, image=None):
         prompt = values.pop("prompt")
         picture, parameters = await final_image_of(service, prompt, image, values,
-                                                   ReaderWatch(demo, request.session_hash, limits.reader_patience))
+                                                   ReaderWatch(demo, request.session_hash, limits.reader_patience),
+                                                   visitor_of(request, limits))
         return picture, json.dumps(parameters, sort_keys=True)
 
     async def generate_image(request: gr.Request, values: dict):
@@ -68,7 +71,7 @@ def wire_tools(demo: gr.Blocks, generate: Tab, edit: Tab, generator: Service, ed
 
     async def edit_image(request: gr.Request, values: dict):
         if editor is None:
-            raise refusal(NO_EDIT_MODEL)
+            raise refusal(say("no_edit_model"))
         url = values.pop("image")
         if not isinstance(url, str) or not url.startswith("data:"):
             raise refusal("Give the picture to edit as a base64 data: URL (data:image/png;base64,...).")
@@ -76,7 +79,7 @@ def wire_tools(demo: gr.Blocks, generate: Tab, edit: Tab, generator: Service, ed
             image = data_url_bytes(url, MAX_FILE_SIZE)
         except ValueError as error:
             raise refusal(f"The input image could not be read: {error}.") from None
-        return await final(editor, request, values, input_image(image, request, limits, "Give an input image."))
+        return await final(editor, request, values, input_image(image, request, limits))
 
     image_url = gr.Textbox(visible=False)  # the picture to edit, as a data: URL
     outputs = [gr.Image(visible=False, format="png", type="filepath"), gr.Textbox(visible=False)]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pydantic
 from gradio.exceptions import InvalidPathError
+from gradio.i18n import I18nData
 
 from ..engine.inputs import data_url_bytes, number
 from ..engine.preview import PREVIEW_MODES
@@ -22,9 +23,7 @@ from ..engine.sampling import CFG_SCHEDULES, SAMPLERS
 from ..engine.settings import MAX_DRAWN_SEED, read_boolean
 from ..engine.sizes import Size
 from .guard import LOG, MAX_FILE_SIZE, uploaded_file
-
-NOT_UPLOADED = ("The input image must be a file uploaded through this page or its API (gradio_client's "
-                "handle_file), or a picture sent inline as a base64 data: URL.")
+from .i18n import LANGUAGE, english_text, language_of, say, shown, text
 
 
 def refusal(message: str) -> gr.Error:
@@ -43,14 +42,15 @@ def read_number(payload, label: str, minimum, maximum, whole: bool):
     def plain(value) -> str:  # 4294967295, 0.1, 15: as the control shows them
         return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
-    allowed = f"{'a whole number' if whole else 'a number'} between {plain(minimum)} and {plain(maximum)}"
+    allowed = say("msg.whole_between" if whole else "msg.number_between", low=plain(minimum), high=plain(maximum))
+    label = shown(label)
     if payload is None:
-        raise refusal(f"{label} is empty: enter {allowed}")
+        raise refusal(say("msg.number_empty", label=label, allowed=allowed))
     try:
         return number(payload, label, minimum=minimum, maximum=maximum, integer=whole)
     except ValueError:
-        shown = repr(payload) if len(repr(payload)) <= 40 else repr(payload)[:37] + "..."
-        raise refusal(f"{label} must be {allowed}, got {shown}") from None
+        got = repr(payload) if len(repr(payload)) <= 40 else repr(payload)[:37] + "..."
+        raise refusal(say("msg.number_bad", label=label, allowed=allowed, shown=got)) from None
 
 
 class CheckedSlider(gr.Slider):
@@ -77,7 +77,7 @@ class CheckedCheckbox(gr.Checkbox):
 
     def preprocess(self, payload):
         try:
-            return read_boolean(payload, self.label)
+            return read_boolean(payload, shown(self.label))
         except ValueError as error:
             raise refusal(str(error)) from None
 
@@ -86,8 +86,8 @@ def checked_choice(control: gr.Dropdown | gr.Radio, payload):
     """A choice control's value: empty or unknown gets a message naming it and its choices."""
     values = [value for _label, value in control.choices]
     if payload is None or payload not in values:
-        got = "it is empty" if payload is None else f"got {payload!r}"
-        raise refusal(f"{control.label} must be one of {', '.join(map(str, values))}: {got}")
+        got = say("msg.choice_empty") if payload is None else say("msg.choice_got", value=repr(payload))
+        raise refusal(say("msg.choice", label=shown(control.label), choices=", ".join(map(str, values)), got=got))
     return payload
 
 
@@ -123,16 +123,32 @@ class ImageUpload(gr.Image):
             try:
                 return data_url_bytes(payload.url, MAX_FILE_SIZE)  # charged by the handler
             except ValueError as error:
-                raise refusal(f"The input image could not be read: {error}.") from None
+                raise refusal(say("msg.unreadable_image", error=error)) from None
         if payload.path and uploaded_file(payload.path):
             return str(payload.path)
-        raise refusal(NOT_UPLOADED)
+        raise refusal(say("msg.not_uploaded"))
 
 
 class Page(gr.Blocks):
     """The page's Blocks: a call whose values cannot be read (too few of them, or a value of the
     wrong shape for its control: an image given as text, a file that was not uploaded) gets one
-    message and one log line, as any refused input does, instead of a traceback and an empty error."""
+    message and one log line, as any refused input does, instead of a traceback and an empty error.
+    Every call runs in its visitor's language (``i18n``), read from the request's Accept-Language."""
+
+    async def process_api(self, block_fn, inputs, state=None, request=None, *args, **kwargs):
+        first = request[0] if isinstance(request, list) and request else request
+        headers = getattr(first, "headers", None)
+        LANGUAGE.set(language_of(headers.get("accept-language") if headers is not None else None))
+        return await super().process_api(block_fn, inputs, state, request, *args, **kwargs)
+
+    def get_api_info(self, all_endpoints: bool = False, page: str | None = None):
+        """The API's description, each label in English (the page's labels are i18n keys)."""
+        info = super().get_api_info(all_endpoints, page)
+        for endpoint in [*info.get("named_endpoints", {}).values(), *info.get("unnamed_endpoints", {}).values()]:
+            for item in [*endpoint.get("parameters", []), *endpoint.get("returns", [])]:
+                if isinstance(item.get("label"), I18nData):
+                    item["label"] = english_text(item["label"].key)
+        return info
 
     async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
         try:
@@ -145,22 +161,22 @@ class Page(gr.Blocks):
 
 def unreadable(block_fn, inputs: list) -> str:
     """What is wrong with a call's values, naming the controls."""
-    labels = [getattr(block, "label", None) or type(block).__name__ for block in block_fn.inputs]
+    labels = [shown(getattr(block, "label", None) or type(block).__name__) for block in block_fn.inputs]
     if len(inputs) < len(block_fn.inputs):
         return (f"This call gave {len(inputs)} of the {len(labels)} values {block_fn.api_name or 'it'} takes: "
                 f"{', '.join(labels)}.")
     for block, label, value in zip(block_fn.inputs, labels, inputs):
         if isinstance(block, ImageUpload) and value is not None:
             if not isinstance(value, dict) or not (value.get("path") or value.get("url")):
-                return NOT_UPLOADED
+                return say("msg.not_uploaded")
             if not str(value.get("url") or "").startswith("data:") and not uploaded_file(value.get("path") or ""):
-                return NOT_UPLOADED
+                return say("msg.not_uploaded")
         elif getattr(block, "data_model", None) is not None and value is not None:
             try:
                 block.data_model.model_validate(value)
             except pydantic.ValidationError:
-                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-                return f"{label} could not be read from {shown}."
+                got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                return f"{label} could not be read from {got}."
     return "This call's values could not be read."
 
 
@@ -186,46 +202,60 @@ class TabContext:
     sizes: list[Size]
 
 
-def labelled(choices: dict[str, str]) -> list[tuple[str, str]]:
-    """A ``{value: label}`` vocabulary as a choice control's (label, value) pairs."""
-    return [(label, value) for value, label in choices.items()]
+def labelled(choices: dict[str, str], prefix: str) -> list[tuple]:
+    """A ``{value: label}`` vocabulary as a choice control's (label, value) pairs, each label the
+    catalogue's ``prefix.value``."""
+    return [(text(f"{prefix}.{value}"), value) for value in choices]
 
 
 # Each key is a request field: the control's value reaches the engine under that name.
 CONTROLS = {
     "size": Control("Settings", 0, lambda t: CheckedDropdown(
-        [(s.label, s.value) for s in t.sizes], value=t.defaults["size"].value, label="Size (width × height)",
+        [(s.label, s.value) for s in t.sizes], value=t.defaults["size"].value, label=text("size"),
         elem_id=f"{t.prefix}-size")),
     "num_images": Control("Settings", 1, lambda t: CheckedSlider(1, 4, value=t.defaults["num_images"], step=1,
-                                                                 label="Images")),
+                                                                 label=text("num_images"),
+                                                                 elem_id=f"{t.prefix}-images")),
     "cfg": Control("Settings", 2, lambda t: CheckedSlider(
-        1, 15, value=t.defaults["cfg"], step=0.1, label="Text guidance", info="How strongly the image follows the text",
+        1, 15, value=t.defaults["cfg"], step=0.1, label=text("cfg"), info=text("cfg.info"),
         elem_id=f"{t.prefix}-cfg")),
     "cfg_img": Control("Settings", 2, lambda t: CheckedSlider(
-        1, 10, value=t.defaults["cfg_img"], step=0.1, label="Image guidance",
-        info="How strongly the result keeps the input image"), edit_only=True),
+        1, 10, value=t.defaults["cfg_img"], step=0.1, label=text("cfg_img"), info=text("cfg_img.info")),
+        edit_only=True),
     "num_sampling_steps": Control("Settings", 3, lambda t: CheckedSlider(
-        1, 100, value=t.defaults["num_sampling_steps"], step=1, label="Sampling steps per token",
+        1, 100, value=t.defaults["num_sampling_steps"], step=1, label=text("num_sampling_steps"),
         elem_id=f"{t.prefix}-steps")),
     "timesteps_shift": Control("Settings", 3, lambda t: CheckedSlider(
-        0.1, 10, value=t.defaults["timesteps_shift"], step=0.1, label="Time shift")),
+        0.1, 10, value=t.defaults["timesteps_shift"], step=0.1, label=text("timesteps_shift"))),
     "cfg_schedule": Control("Settings", 4, lambda t: CheckedRadio(
-        labelled(CFG_SCHEDULES), value=t.defaults["cfg_schedule"], label="Guidance schedule")),
+        labelled(CFG_SCHEDULES, "cfg_schedule"), value=t.defaults["cfg_schedule"], label=text("cfg_schedule"))),
     "sampler": Control("Settings", 4, lambda t: CheckedDropdown(
-        list(SAMPLERS), value=t.defaults["sampler"], label="Sampler",
-        info="v1: NextStep-1's; sde, cps, ode: NextStep-1.1's")),
+        list(SAMPLERS), value=t.defaults["sampler"], label=text("sampler"), info=text("sampler.info"))),
     "use_norm": Control("Settings", 5, lambda t: CheckedCheckbox(
-        value=t.defaults["use_norm"], label="Normalise tokens", info="LayerNorm each sampled token (NextStep-1)",
+        value=t.defaults["use_norm"], label=text("use_norm"), info=text("use_norm.info"),
         elem_id=f"{t.prefix}-norm")),
     "seed": Control("Settings", 6, lambda t: CheckedNumber(
-        value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label="Seed", elem_id=f"{t.prefix}-seed")),
+        value=0, minimum=0, maximum=MAX_DRAWN_SEED, precision=0, label=text("seed"), elem_id=f"{t.prefix}-seed")),
     "negative_prompt": Control("Prompts", 0, lambda t: gr.Textbox(
-        value=t.defaults["negative_prompt"], label="Negative prompt", placeholder="What the image should avoid",
-        elem_id=f"{t.prefix}-negative")),
+        value=t.defaults["negative_prompt"], label=text("negative_prompt"),
+        placeholder=text("negative_prompt.placeholder"), elem_id=f"{t.prefix}-negative")),
     "positive_prompt": Control("Prompts", 1, lambda t: gr.Textbox(
-        value=t.defaults["positive_prompt"], label="Positive (style) prompt", placeholder="Appended to the prompt",
-        elem_id=f"{t.prefix}-positive")),
+        value=t.defaults["positive_prompt"], label=text("positive_prompt"),
+        placeholder=text("positive_prompt.placeholder"), elem_id=f"{t.prefix}-positive")),
 }
+SECTIONS = {"Settings": "section.settings", "Prompts": "section.prompts"}
+
+
+QUICK_AREA = 256 * 256  # the quick preset's size: the square size nearest this area
+
+
+def quick_settings(defaults: dict, sizes: list[Size]) -> dict:
+    """A first look, quicker than the defaults: the square size nearest 256x256 (any size where no
+    square is offered), half the default sampling steps, one image."""
+    squares = [size for size in sizes if size.width == size.height] or sizes
+    size = min(squares, key=lambda size: abs(size.area - QUICK_AREA))
+    return {"size": size.value, "num_sampling_steps": max(1, round(defaults["num_sampling_steps"] / 2)),
+            "num_images": 1}
 
 
 @dataclass
@@ -247,7 +277,7 @@ def sampling_controls(context: TabContext, edit: bool) -> TabControls:
     chosen = {name: control for name, control in CONTROLS.items() if edit or not control.edit_only}
     settings = {}
     for section, opened in (("Settings", True), ("Prompts", edit)):
-        with gr.Accordion(section, open=opened):
+        with gr.Accordion(text(SECTIONS[section]), open=opened):
             in_section = [(name, c) for name, c in chosen.items() if c.section == section]
             for row in sorted({c.row for _, c in in_section}):
                 with gr.Row():
@@ -255,11 +285,11 @@ def sampling_controls(context: TabContext, edit: bool) -> TabControls:
                         if control.row == row:
                             settings[name] = control.build(context)
                     if section == "Settings" and row == CONTROLS["seed"].row:
-                        randomize_seed = CheckedCheckbox(value=True, label="Randomize seed",
+                        randomize_seed = CheckedCheckbox(value=True, label=text("randomize_seed"),
                                                          elem_id=f"{context.prefix}-randomize")
             if section == "Settings":
                 with gr.Row():
-                    preview = CheckedRadio(labelled(PREVIEW_MODES), value="vae", label="Live preview",
-                                           info="Exact runs the VAE decoder; Fast is a nearly free colour map")
-                    preview_every = CheckedSlider(1, 64, value=8, step=1, label="Preview every N tokens")
+                    preview = CheckedRadio(labelled(PREVIEW_MODES, "preview"), value="vae", label=text("preview"),
+                                           info=text("preview.info"), elem_id=f"{context.prefix}-preview-mode")
+                    preview_every = CheckedSlider(1, 64, value=8, step=1, label=text("preview_every"))
     return TabControls(settings, randomize_seed, preview, preview_every)

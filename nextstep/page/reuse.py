@@ -16,6 +16,7 @@ from ..engine.inputs import load_image
 from ..engine.sizes import Size, closest_size
 from ..pnginfo import read_parameters
 from .controls import refusal
+from .i18n import say, text
 from .runs import Tab
 
 UNDO_DEPTH = 20  # edits the chain can step back
@@ -41,7 +42,7 @@ class HistoryEntry:
     def caption(self) -> str:
         prompt = self.parameters.get("prompt", "")
         short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
-        return f"{'Edit' if self.tab == 'edit' else 'Generate'} · seed {self.parameters.get('seed')} · {short}"
+        return say("history.caption", tab=say(f"tab.{self.tab}"), seed=self.parameters.get("seed"), prompt=short)
 
 
 def add_to_history(history: list[HistoryEntry], tab: str, paths: list[str], input_image: str | None = None,
@@ -80,7 +81,7 @@ def filled(tab: Tab, parameters: dict, input_image=None) -> dict:
             continue
         value = parameters[name]
         if name == "size" and Size.parse(value) not in tab.sizes:
-            gr.Warning(f"This model does not offer the size {value}; the size was left as it is.")
+            gr.Warning(say("msg.size_not_offered", value=value))
             continue
         updates[control] = value
     if tab.image is not None and input_image is not None:
@@ -95,14 +96,13 @@ def settings_from_png(path: str | None, generate: Tab, edit: Tab, tabs: gr.Tabs)
     try:
         parameters = read_parameters(path)
     except ValueError as error:
-        raise refusal(f"That PNG's settings could not be read: {error}") from None
+        raise refusal(say("msg.png_unreadable", error=error)) from None
     except OSError:
-        raise refusal("That file could not be read as a PNG.") from None
+        raise refusal(say("msg.not_png")) from None
     if not parameters:
-        raise refusal("That picture carries no NextStep settings: only PNGs made by this app or its "
-                      "command line do (or ones with AUTOMATIC1111-style parameters).")
+        raise refusal(say("msg.no_settings"))
     tab = edit if parameters.get("edit") else generate
-    gr.Info(f"Settings loaded into the {tab.name.capitalize()} tab.")
+    gr.Info(say("msg.settings_loaded", tab=say(f"tab.{tab.name}")))
     return {**filled(tab, parameters), tabs: gr.Tabs(selected=tab.name)}
 
 
@@ -119,15 +119,15 @@ class HistoryPanel:
 
 
 def history_panel() -> HistoryPanel:
-    with gr.Accordion("History of this session", open=True):
-        gallery = gr.Gallery(label="Your results, newest first (this browser tab only)", columns=8,
+    with gr.Accordion(text("history"), open=True):
+        gallery = gr.Gallery(label=text("history.gallery"), columns=8,
                              fit_columns=False, height=200, object_fit="contain", allow_preview=False,
                              interactive=False, elem_id="history-gallery")
         with gr.Row():
-            use_settings = gr.Button("Use these settings", elem_id="history-use", interactive=False)
-            edit_this = gr.Button("Edit this", elem_id="history-edit", interactive=False)
-        chosen = gr.JSON(label="Settings of the chosen result", elem_id="history-parameters")
-        png = gr.UploadButton("Load settings from a PNG…", file_types=[".png"], type="filepath", size="sm",
+            use_settings = gr.Button(text("history.use"), elem_id="history-use", interactive=False)
+            edit_this = gr.Button(text("history.edit"), elem_id="history-edit", interactive=False)
+        chosen = gr.JSON(label=text("history.parameters"), elem_id="history-parameters")
+        png = gr.UploadButton(text("history.png"), file_types=[".png"], type="filepath", size="sm",
                               elem_id="settings-png")
     return HistoryPanel(gallery, use_settings, edit_this, chosen, png)
 
@@ -159,7 +159,7 @@ def push_undo(stack: list, current) -> list:
 
 def undo_edit(stack: list):
     if not stack:
-        gr.Info("Nothing to undo: the input is where the edit chain started.")
+        gr.Info(say("msg.nothing_to_undo"))
         return gr.skip(), stack
     return stack[-1], stack[:-1]
 
@@ -167,7 +167,7 @@ def undo_edit(stack: list):
 def picked_image(gallery: list | None, index: int):
     """The gallery image picked for reuse (the first when none was clicked)."""
     if not gallery:
-        raise refusal("Nothing to reuse yet: generate an image first.")
+        raise refusal(say("msg.nothing_to_reuse"))
     path, _caption = gallery[min(index, len(gallery) - 1)]
     return path
 
@@ -193,11 +193,11 @@ class EditChain:
 
 
 def edit_chain_panel() -> EditChain:
-    compare = gr.ImageSlider(label="Before / after", type="filepath", interactive=False, max_height=360,
+    compare = gr.ImageSlider(label=text("compare"), type="filepath", interactive=False, max_height=360,
                              elem_id="edit-compare")
     with gr.Row():
-        use_as_input = gr.Button("Use result as input", elem_id="use-as-input")
-        undo = gr.Button("Undo last edit", elem_id="edit-undo")
+        use_as_input = gr.Button(text("use_as_input"), elem_id="use-as-input")
+        undo = gr.Button(text("undo"), elem_id="edit-undo")
     return EditChain(compare, use_as_input, undo)
 
 
@@ -217,7 +217,7 @@ def wire_history(panel: HistoryPanel, generate: Tab, edit: Tab, tabs: gr.Tabs, g
 
     def use_entry(entry: HistoryEntry | None) -> dict:
         if entry is None:
-            raise refusal("Choose a result in the history first.")
+            raise refusal(say("msg.choose_history"))
         tab = edit if entry.tab == "edit" else generate
         return {**filled(tab, entry.parameters, entry.input_image), tabs: gr.Tabs(selected=tab.name)}
 

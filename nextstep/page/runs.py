@@ -27,14 +27,16 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from ..engine.inputs import clean_text
+from ..engine.preview import replay_stages
 from ..engine.settings import MAX_DRAWN_SEED
 from ..engine.sizes import Size
 from ..pnginfo import save_with_parameters
-from ..serving.service import Busy, GenerationFailed, Order, Progress, Service, Ticket
+from ..serving.quota import QuotaExceeded
+from ..serving.service import Busy, GenerationFailed, Order, Progress, Service, Ticket, Visitor
 from .controls import LOG, TabControls, refusal
 from .guard import PageLimits, ReaderWatch, charge_inline_image
-
-STOPPED = "Stopped."
+from .i18n import say, text
+from .visitors import quota_message, visitor_of
 
 
 def clock(seconds: float) -> str:
@@ -46,12 +48,12 @@ def status_line(frame: Progress) -> str:
     """The status line under a run's preview: tokens, speed, elapsed time and time left; at the end
     the totals and the seed."""
     if frame.result is not None:
-        return (f"Done: {frame.total} tokens in {clock(frame.elapsed)} ({frame.rate:.1f} tokens/s) · "
-                f"seed {frame.result.seed}")
+        return say("run.done", total=frame.total, elapsed=clock(frame.elapsed), rate=f"{frame.rate:.1f}",
+                   seed=frame.result.seed)
     eta = (frame.total - frame.done) / frame.rate if frame.rate else math.inf
     eta_text = clock(eta) if math.isfinite(eta) else "…"
-    return (f"Tokens {frame.done}/{frame.total} · {frame.rate:.1f} tokens/s · "
-            f"elapsed {clock(frame.elapsed)} · ETA {eta_text}")
+    return say("run.progress", done=frame.done, total=frame.total, rate=f"{frame.rate:.1f}",
+               elapsed=clock(frame.elapsed), eta=eta_text)
 
 
 def result_files(images: list[Image.Image], parameters: dict) -> list[str]:
@@ -91,20 +93,45 @@ def tile(images: list[Image.Image]) -> Image.Image:
 # ---- what a tab shows of its runs ---------------------------------------------------------------
 
 
+REPLAY_BELOW = 3  # a run that showed fewer previews than this ends with a replay of its stages
+REPLAY_STAGES = 6
+REPLAY_STAGE_MS, REPLAY_END_MS = 150, 2000
+
+
+@dataclass
+class Replay:
+    """The stages of a finished run, the final picture last, shown once as an animation."""
+
+    frames: list[Image.Image]
+
+
+def replay_of(images: list[Image.Image], tokens: int) -> Replay:
+    """A run too quick for its previews to be seen: its stages (``replay_stages``), tiled."""
+    return Replay([tile(stage) for stage in replay_stages(images, tokens, REPLAY_STAGES)])
+
+
 class LivePreview(gr.Image):
-    """The live preview: each frame travels inside the stream as a JPEG data URL. Written to the
-    cache as files, as ``gr.Image`` does, a request's many frames would fill the disk whether or
-    not anyone looks, and a file removed once shown may still be on its way to a slow reader."""
+    """The live preview: each frame travels inside the stream as a JPEG data URL (a ``Replay`` as an
+    animated WebP that plays once). Written to the cache as files, as ``gr.Image`` does, a request's
+    many frames would fill the disk whether or not anyone looks, and a file removed once shown may
+    still be on its way to a slow reader."""
 
     is_template = True  # drawn by the frontend as a plain image
 
     def postprocess(self, value):
-        if not isinstance(value, Image.Image):
-            return super().postprocess(value)
         buffer = io.BytesIO()
-        value.convert("RGB").save(buffer, "JPEG", quality=90)
-        return ImageData(url="data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(),
-                         orig_name="preview.jpeg", mime_type="image/jpeg")
+        if isinstance(value, Replay):
+            first, *rest = [frame.convert("RGB") for frame in value.frames]
+            first.save(buffer, "WEBP", save_all=True, append_images=rest, loop=1, quality=90,
+                       duration=[REPLAY_STAGE_MS] * len(rest) + [REPLAY_END_MS])
+            kind = "webp"
+        elif isinstance(value, Image.Image):
+            value.convert("RGB").save(buffer, "JPEG", quality=90)
+            kind = "jpeg"
+        else:
+            return super().postprocess(value)
+        return ImageData(url=f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode(),
+                         orig_name=f"preview.{kind}", mime_type=f"image/{kind}")
 
 
 @dataclass
@@ -121,13 +148,13 @@ class Results:
 
 
 def result_panel(prefix: str) -> Results:
-    preview = LivePreview(label="Live preview", interactive=False, height=360, elem_id=f"{prefix}-preview",
+    preview = LivePreview(label=text("preview"), interactive=False, height=360, elem_id=f"{prefix}-preview",
                           elem_classes=["live-preview"])
-    status = gr.Markdown("Ready.", label="Status", elem_id=f"{prefix}-status", elem_classes=["run-status"])
-    gallery = gr.Gallery(label="Results (PNG with parameters)", format="png", columns=4, fit_columns=False,
+    status = gr.Markdown(text("status.ready"), label=text("status"), elem_id=f"{prefix}-status", elem_classes=["run-status"])
+    gallery = gr.Gallery(label=text("gallery"), format="png", columns=4, fit_columns=False,
                          height=240, object_fit="contain", interactive=False, elem_id=f"{prefix}-gallery")
-    with gr.Accordion("Parameters of these results", open=False):
-        parameters = gr.JSON(label="Parameters", elem_id=f"{prefix}-parameters")
+    with gr.Accordion(text("parameters.section"), open=False):
+        parameters = gr.JSON(label=text("parameters"), elem_id=f"{prefix}-parameters")
     selected = gr.State(0)
     gallery.select(remember_selection, None, selected, api_visibility="private")
     return Results(preview, gallery, status, parameters, selected)
@@ -149,6 +176,8 @@ class Tab:
     stop: gr.Button
     results: Results
     image: gr.Image | None = None  # the Edit tab's input
+    note: gr.Markdown | None = None  # what a request reserves, on ZeroGPU
+    quick: tuple | None = None  # the quick preset: (its button, its settings)
 
     @property
     def seed(self) -> gr.Number:
@@ -160,10 +189,10 @@ class Tab:
         return dict(**image, prompt=self.prompt, **self.controls.inputs())
 
 
-def run_buttons(prefix: str, label: str, enabled: bool) -> tuple[gr.Button, gr.Button]:
+def run_buttons(prefix: str, enabled: bool) -> tuple[gr.Button, gr.Button]:
     with gr.Row():
-        run = gr.Button(label, variant="primary", interactive=enabled, elem_id=f"{prefix}-run")
-        stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+        run = gr.Button(text(f"run.{prefix}"), variant="primary", interactive=enabled, elem_id=f"{prefix}-run")
+        stop = gr.Button(text("run.stop"), variant="stop", elem_id=f"{prefix}-stop")
     return run, stop
 
 
@@ -207,12 +236,12 @@ def after_run(book: RunBook, tab: str) -> Callable:
     async def status_after(request: gr.Request):
         record = book.pop((request.session_hash, tab))
         if record is not None and record.outcome == "failed":
-            return f"Failed: {record.message}" if record.message else "Failed."
+            return say("run.failed", message=record.message) if record.message else say("run.failed_plain")
         if record is None or record.outcome != "stopped":
             return gr.skip()
         if record.ticket is not None:
             await asyncio.to_thread(record.ticket.wait_left, 60)
-        return STOPPED
+        return say("run.stopped")
 
     return status_after
 
@@ -220,51 +249,60 @@ def after_run(book: RunBook, tab: str) -> Callable:
 # ---- streaming a run ------------------------------------------------------------------------------
 
 
-def page_order(prompt, image, randomize_seed: bool, preview: str, preview_every: int, settings: dict) -> Order:
+def page_order(prompt, image, randomize_seed: bool, preview: str, preview_every: int, settings: dict,
+               visitor: Visitor | None = None) -> Order:
     """The order a tab's controls make: ``settings`` by request field, the seed among them."""
     if not clean_text(prompt, "prompt"):
-        raise ValueError("Enter a prompt first: describe the picture, or what to change in it.")
+        raise ValueError(say("msg.empty_prompt"))
     settings = dict(settings)
     seed = settings.pop("seed", None)
     if randomize_seed:
         seed = None  # the service draws one, and the page shows it
     elif seed is None:
-        raise ValueError(f"Seed is empty: enter a whole number between 0 and {MAX_DRAWN_SEED}, or tick "
-                         "Randomize seed")
-    return Order(prompt, image, settings, seed, preview, preview_every)
+        raise ValueError(say("msg.empty_seed", maximum=MAX_DRAWN_SEED))
+    return Order(prompt, image, settings, seed, preview, preview_every, visitor)
 
 
 async def stream_to_page(service: Service, record: RunRecord, prompt: str, image, *, randomize_seed: bool,
                          preview: str, preview_every, limits: PageLimits | None = None,
-                         reader: ReaderWatch | None = None, **settings):
+                         reader: ReaderWatch | None = None, visitor: Visitor | None = None, **settings):
     """Yield (preview, gallery, status, parameters, seed) frames for one request; ``settings`` are
     request fields. ``record`` learns how the run ended ("done", "failed", "stopped" or "dropped":
-    ``reader`` saw nobody take its frames). With ``limits``, the cache is swept when it ends."""
+    ``reader`` saw nobody take its frames). With ``limits``, the cache is swept when it ends.
+    ``visitor``: whose quota the request is charged to, where one applies."""
     watch = None
     try:
-        ticket = service.submit(page_order(prompt, image, randomize_seed, preview, preview_every, settings))
+        order = page_order(prompt, image, randomize_seed, preview, preview_every, settings, visitor)
+        ticket = service.submit(order)
         record.ticket = ticket
         if reader is not None:
             watch = asyncio.create_task(reader.cancel_when_abandoned(ticket))
-        yield None, None, "Waiting for the model…", None, ticket.seed
+        yield None, None, waiting_line(service, order), None, ticket.seed
         # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
         # rebuilds a skipped component's whole config (its API schema included), which costs
         # far more than the frame itself and, with many users, slows the model's thread.
-        shown_preview = None
+        shown_preview, shown = None, 0
         # Closed with this generator (Stop closes it while it waits at a yield), not when collected.
         async with contextlib.aclosing(service.frames(ticket)) as frames:
             async for frame in frames:
                 if frame.result is not None:
                     result = frame.result
                     record.outcome = "done"
-                    yield (tile(result.images), result_files(result.images, result.parameters), status_line(frame),
+                    # A run too quick to show its stages replays them, from the final picture, once.
+                    picture = (replay_of(result.images, frame.total)
+                               if preview != "none" and shown < REPLAY_BELOW else tile(result.images))
+                    yield (picture, result_files(result.images, result.parameters), status_line(frame),
                            result.parameters, ticket.seed)
                 else:
+                    shown += bool(frame.preview)
                     shown_preview = tile(frame.preview) if frame.preview else shown_preview
                     yield shown_preview, None, status_line(frame), None, ticket.seed
         if record.outcome == "running" and watch is not None and watch.done():
             record.outcome = "dropped"
             LOG.info("dropped: nobody read the request's frames for %g s", reader.patience)
+    except QuotaExceeded as error:  # the page's refusal, or ZeroGPU's, in the visitor's words
+        record.outcome, record.message = "failed", quota_message(error, bool(visitor and visitor.signed_in))
+        raise refusal(record.message) from None
     except (ValueError, Busy, GenerationFailed) as error:  # their messages are written for users
         record.outcome, record.message = "failed", str(error)
         raise refusal(str(error)) from None
@@ -281,6 +319,12 @@ async def stream_to_page(service: Service, record: RunRecord, prompt: str, image
             limits.cache.poke()  # the result's files are written by now
 
 
+def waiting_line(service: Service, order: Order) -> str:
+    """The status line while a request waits: on ZeroGPU, what it reserves."""
+    seconds = service.reservation(order)
+    return say("run.waiting") if seconds is None else say("run.waiting_gpu", seconds=seconds)
+
+
 async def last_frame(service: Service, prompt: str, image, **settings) -> tuple:
     """The final (preview, gallery, status, parameters, seed) frame of one request, run without previews."""
     frame = None
@@ -291,12 +335,13 @@ async def last_frame(service: Service, prompt: str, image, **settings) -> tuple:
 
 
 async def final_image_of(service: Service, prompt: str, image, settings: dict,
-                         reader: ReaderWatch | None = None) -> tuple[str, dict]:
+                         reader: ReaderWatch | None = None, visitor: Visitor | None = None) -> tuple[str, dict]:
     """The finished picture of one request as a PNG file (several images side by side), and its
     parameters."""
-    _, files, _, parameters, _ = await last_frame(service, prompt, image, reader=reader, **settings)
+    _, files, _, parameters, _ = await last_frame(service, prompt, image, reader=reader, visitor=visitor,
+                                                  **settings)
     if not files:  # dropped, nobody reading
-        raise refusal("The request was dropped: nobody read its result.")
+        raise refusal(say("msg.dropped"))
     if len(files) == 1:
         return files[0], parameters
     # One request's images share its parameters: a sheet of several carries them too.
@@ -306,17 +351,13 @@ async def final_image_of(service: Service, prompt: str, image, settings: dict,
 # ---- wiring a tab's runs --------------------------------------------------------------------------
 
 MODEL_QUEUE = "model"  # every event that runs a model shares one queue
-NO_EDIT_MODEL = (
-    "No edit-capable model is loaded: this checkpoint takes no input image. "
-    "Start the app with `--edit-model` (for example `stepfun-ai/NextStep-1-Large-Edit`) to edit images."
-)
 
 
-def input_image(image, request: gr.Request, limits: PageLimits, missing: str):
+def input_image(image, request: gr.Request, limits: PageLimits, missing: str | None = None):
     """An edit's input image as it may be used: present, and within its visitor's upload budget
     when it came inline."""
     if image is None:
-        raise refusal(missing)
+        raise refusal(missing or say("msg.add_image"))
     if (refused := charge_inline_image(image, request, limits)) is not None:
         raise refusal(refused)
     return image
@@ -336,8 +377,8 @@ def run_handler(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBoo
                 prompt: what the picture should show
             """
             record = book.start((request.session_hash, tab.name))
-            async for frame in stream_to_page(service, record, prompt, None, limits=limits,
-                                              reader=reader_of(request), **settings):
+            async for frame in stream_to_page(service, record, prompt, None, limits=limits, reader=reader_of(request),
+                                              visitor=visitor_of(request, limits), **settings):
                 yield frame
 
         return generate
@@ -351,10 +392,10 @@ def run_handler(demo: gr.Blocks, tab: Tab, service: Service | None, book: RunBoo
         """
         record = book.start((request.session_hash, tab.name))
         if service is None:
-            raise refusal(NO_EDIT_MODEL)
-        image = input_image(image, request, limits, "Add an input image first (upload, paste or take a photo).")
-        async for frame in stream_to_page(service, record, prompt, image, limits=limits,
-                                          reader=reader_of(request), **settings):
+            raise refusal(say("no_edit_model"))
+        image = input_image(image, request, limits)
+        async for frame in stream_to_page(service, record, prompt, image, limits=limits, reader=reader_of(request),
+                                          visitor=visitor_of(request, limits), **settings):
             yield frame
 
     return edit

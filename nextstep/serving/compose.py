@@ -8,7 +8,7 @@ side of a Ray Serve application instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..loading.devices import set_threads
@@ -17,6 +17,7 @@ from ..loading.memory import MemoryPlan, checkpoint_plan, combine, free_memory
 from ..loading.options import RuntimeOptions
 from ..pipeline import NextStepPipeline
 from .examples import examples_for
+from .quota import QuotaLedger, QuotaPolicy
 from .ray_client import connect
 from .scheduler import LocalService
 from .service import FRAME_INTERVAL, Service
@@ -73,11 +74,13 @@ def load_pipelines(placed: list[tuple[str, str]], vae: str | None, dtype, quanti
 
 
 def load_services(options: RuntimeOptions, *, frame_interval: float = FRAME_INTERVAL, gpu=None,
-                  max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING) -> Services:
+                  quota: QuotaPolicy | None = None, max_batch: int = MAX_BATCH,
+                  max_waiting: int = MAX_WAITING) -> Services:
     """The page's models as ``options`` name them. ``gpu``: ``spaces.GPU`` on ZeroGPU hardware,
     where every request runs in one GPU task shared by both tabs (``zerogpu``) instead of the
     batching scheduler; None elsewhere. The scheduler's batch is the largest up to ``max_batch``
-    images that the memory plan fits on the devices."""
+    images that the memory plan fits on the devices. ``quota``: how ZeroGPU's visitor quotas are
+    counted there."""
     mode = options.step_mode(zero_gpu=gpu is not None)
     if gpu is not None and mode in ("compiled", "background"):
         raise ValueError("ZeroGPU does not support torch.compile: use --step graph (the default there) or eager")
@@ -93,7 +96,8 @@ def load_services(options: RuntimeOptions, *, frame_interval: float = FRAME_INTE
         # Models that need more than the default slice ask for the whole GPU (at twice the quota).
         size = "xlarge" if combine(plans).peak_bytes > LARGE_SLICE_BYTES else None
         task = GpuTask(pipes, frame_interval, gpu, size=size)
-        served = [GpuService(task, index) for index in range(len(pipes))]
+        ledger = QuotaLedger(replace(quota or QuotaPolicy(), xlarge=size == "xlarge"))
+        served = [GpuService(task, index, ledger) for index in range(len(pipes))]
     else:
         served = [LocalService(pipe, frame_interval, max_batch=batch, max_waiting=max_waiting) for pipe in pipes]
     generator = served[0]

@@ -15,7 +15,11 @@ from ..loading.options import EMBEDDED_MODEL
 EXAMPLES = EMBEDDED_MODEL.parent / "examples"
 SHAPES_EXAMPLES = EXAMPLES / "examples.json"  # checked against the embedded model
 OFFICIAL_EXAMPLES = EXAMPLES / "official.json"
-OFFICIAL_RELEASES = ("NextStep-1-Large", "NextStep-1-Large-Edit", "NextStep-1-Large-Pretrain", "NextStep-1.1")
+CAPTIONS = {"zh-CN": EXAMPLES / "captions.zh-CN.json"}  # example text -> its caption in that language
+# Every release of StepFun's NextStep series: NextStep-1.1 (the current one, text to image), its
+# pretrained checkpoints, and the NextStep-1 series, whose Large-Edit is the one edit release.
+OFFICIAL_RELEASES = ("NextStep-1.1", "NextStep-1.1-Pretrain", "NextStep-1.1-Pretrain-256px",
+                     "NextStep-1-Large", "NextStep-1-Large-Edit", "NextStep-1-Large-Pretrain")
 
 
 def examples_for(model: str) -> Path | None:
@@ -27,9 +31,15 @@ def examples_for(model: str) -> Path | None:
 
 
 def load_examples(path: Path | None) -> dict[str, list[dict]]:
-    """``{"text_to_image": [{"prompt", "seed"}, …], "edit": [{"image", "instruction", "seed"}, …]}``
-    from an examples file (image paths made absolute), or empty lists without one."""
+    """``{"text_to_image": [{"prompt", "seed", "caption_zh"}, …], "edit": [{"image", "instruction",
+    "seed", "caption_zh"}, …]}`` from an examples file (image paths made absolute; the Chinese
+    caption where ``CAPTIONS`` has one), or empty lists without one."""
     examples = json.loads(Path(path).read_text()) if path is not None and Path(path).is_file() else {}
     for example in examples.get("edit", []):
         example["image"] = str(Path(path).parent / example["image"])
+    chinese = json.loads(CAPTIONS["zh-CN"].read_text()) if CAPTIONS["zh-CN"].is_file() else {}
+    for example in [*examples.get("text_to_image", []), *examples.get("edit", [])]:
+        text = example.get("prompt") or example.get("instruction")
+        if text in chinese:
+            example["caption_zh"] = chinese[text]
     return {kind: examples.get(kind, []) for kind in ("text_to_image", "edit")}

@@ -135,6 +135,12 @@ class RayService:
     def describe(self) -> dict[str, str]:
         return self.facts["describe"]
 
+    def reservation(self, order: Order) -> None:
+        return None  # a cluster reserves nothing per request
+
+    def allowance(self, visitor) -> None:
+        return None
+
     def submit(self, order: Order) -> RayTicket:
         """The request to send (it is sent by ``frames``); the seed drawn here when none is given."""
         preview_every = check_preview(order.preview, order.preview_every)

@@ -29,6 +29,34 @@ FRAME_INTERVAL = 0.25  # seconds: the most frames a page is sent, and previews d
 
 
 @dataclass(frozen=True)
+class Visitor:
+    """Whom a request is charged to where a quota applies (ZeroGPU): ``key`` tells visitors apart
+    (a signed-in account's name, else the address), ``tier`` is what the page knows of them
+    ("anonymous", "free" or "pro")."""
+
+    key: str
+    tier: str = "anonymous"
+    signed_in: bool = False
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What one visitor may ask for now, as far as the page knows (``quota.QuotaLedger``), and how
+    a reservation counts against it (spaces' duration factor; twice its seconds on ``xlarge``)."""
+
+    tier: str
+    per_call: int  # seconds one request may count
+    left: int  # seconds left of the day (an upper bound: use elsewhere is not seen here)
+    daily: int
+    factor: float = 1.0
+    xlarge: bool = False
+
+    def counted(self, reservation: int) -> int:
+        """The seconds ZeroGPU checks against the quota for a task reserving ``reservation``."""
+        return 2 * reservation if self.xlarge else round(reservation * self.factor)
+
+
+@dataclass(frozen=True)
 class Order:
     """What a front end asks a service for. ``settings`` are request fields as the visitor gave
     them (the engine reads and checks them; missing ones take the model's defaults), the seed
@@ -40,6 +68,7 @@ class Order:
     seed: int | None = None
     preview: str = "vae"  # "vae" (exact), "fast" or "none"
     preview_every: int = 8  # tokens between previews
+    visitor: Visitor | None = None  # whom a quota charges (ZeroGPU); None: nobody in particular
 
     def __post_init__(self):
         if "seed" in self.settings:
@@ -85,9 +114,16 @@ class Service(Protocol):
     def describe(self) -> dict[str, str]:
         """What the page's Model panel shows (``describe``)."""
 
+    def reservation(self, order: Order) -> int | None:
+        """The GPU seconds this order would reserve (ZeroGPU), None where nothing is reserved;
+        ValueError as ``submit`` for an order that cannot run."""
+
+    def allowance(self, visitor: Visitor | None) -> Allowance | None:
+        """What ``visitor`` may ask for now (ZeroGPU's quota), None where no quota applies."""
+
     def submit(self, order: Order) -> Ticket:
         """Check the order and queue it: ValueError with a message for the visitor; ``Busy`` when
-        the line is full."""
+        the line is full; ``quota.QuotaExceeded`` when the visitor's quota cannot take it."""
 
     def frames(self, ticket: Ticket) -> AsyncIterator[Progress]:
         """The ticket's frames, throttled, the last carrying the result; failures are raised as
@@ -186,3 +222,9 @@ class ModelFacts:
 
     def describe(self) -> dict[str, str]:
         return describe(self.pipe)
+
+    def reservation(self, order: Order) -> int | None:
+        return None
+
+    def allowance(self, visitor: Visitor | None) -> Allowance | None:
+        return None

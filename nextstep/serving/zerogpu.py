@@ -21,14 +21,16 @@ import contextlib
 import contextvars
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..engine.core import check_preview
 from ..engine.settings import GenerationRequest
 from ..pipeline import NextStepPipeline
+from .quota import QuotaExceeded, QuotaLedger, QuotaPolicy, read_refusal, what_fits
 from .reservation import Reservation
-from .service import FrameThrottle, ModelFacts, Order, Progress
+from .service import Allowance, FrameThrottle, ModelFacts, Order, Progress, Visitor
 
 # The longest task the page asks for: a free account's whole daily ZeroGPU quota (5 minutes), so a
 # longer one could never run for most visitors. The per-visitor caps are not published; spaces
@@ -51,6 +53,7 @@ class GpuTask:
     def __init__(self, pipes: list[NextStepPipeline], frame_interval: float, gpu: Callable, size: str | None = None):
         self.pipes = pipes
         self.frame_interval = frame_interval
+        self.size = size
         graph = all(pipe.engine.runner.cuda_graphs for pipe in pipes)
         self.reservation = Reservation([pipe.model for pipe in pipes], graph)
         self.run = gpu(self.frames, duration=self.duration, size=size)
@@ -86,6 +89,8 @@ class GpuTicket:
     request: GenerationRequest
     preview: str
     preview_every: int
+    visitor: Visitor | None = None  # whose quota the task is charged to
+    order: Order | None = None  # what it was made from
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _left: threading.Event = field(default_factory=threading.Event, repr=False)  # its GPU task has ended
 
@@ -106,12 +111,14 @@ class GpuTicket:
 
 
 class GpuService(ModelFacts):
-    """One model of a ``GpuTask``, as a ``service.Service`` (see the module's docstring)."""
+    """One model of a ``GpuTask``, as a ``service.Service`` (see the module's docstring). ``quota``:
+    what the page knows of its visitors' ZeroGPU quotas (shared by the task's services)."""
 
-    def __init__(self, task: GpuTask, model: int):
+    def __init__(self, task: GpuTask, model: int, quota: QuotaLedger | None = None):
         self.task = task
         self.model = model
         self.pipe = task.pipes[model]
+        self.quota = quota or QuotaLedger(QuotaPolicy(xlarge=task.size == "xlarge"))
         self._running: set[GpuTicket] = set()
 
     @property
@@ -122,15 +129,56 @@ class GpuService(ModelFacts):
     def submit(self, order: Order) -> GpuTicket:
         """Complete and validate the request here, before any GPU is asked for (ValueError with a
         readable message; also when it would need more GPU time than ZeroGPU grants a task)."""
-        request = self.pipe.engine.request(order.prompt, order.image, **order.request_fields())
-        ticket = GpuTicket(request, order.preview, check_preview(order.preview, order.preview_every))
-        seconds = self.task.duration(self.model, request, ticket.preview, ticket.preview_every)
+        ticket = self._ticket(order)
+        seconds = self.task.duration(self.model, ticket.request, ticket.preview, ticket.preview_every)
+        self._check_quota(ticket, seconds)  # a visitor's refusal names what fits them
         if seconds > MAX_SECONDS:
             raise ValueError(
                 f"This request would need about {seconds} s of GPU time, more than the {MAX_SECONDS} s ZeroGPU "
                 "grants one task here: choose a smaller size, fewer sampling steps or fewer images."
             )
         return ticket
+
+    def _ticket(self, order: Order) -> GpuTicket:
+        request = self.pipe.engine.request(order.prompt, order.image, **order.request_fields())
+        return GpuTicket(request, order.preview, check_preview(order.preview, order.preview_every), order.visitor,
+                         order)
+
+    # ---- visitor quotas (``quota``): checked before the GPU call, and read from ZeroGPU's refusals ----
+
+    def reservation(self, order: Order) -> int:
+        """The seconds this order would ask ZeroGPU for: its GPU task's ``duration``."""
+        ticket = self._ticket(order)
+        return self.task.duration(self.model, ticket.request, ticket.preview, ticket.preview_every)
+
+    def allowance(self, visitor: Visitor | None) -> Allowance | None:
+        return None if visitor is None else self.quota.allowance(visitor)
+
+    def _check_quota(self, ticket: GpuTicket, seconds: int) -> None:
+        """Refuse (``QuotaExceeded``) a request its visitor's quota cannot take, before any GPU is asked for."""
+        if ticket.visitor is not None:
+            refusal = self.quota.check(ticket.visitor, seconds, lambda limit: self._fits(ticket, limit))
+            if refusal is not None:
+                raise refusal
+
+    def _fits(self, ticket: GpuTicket, limit: int) -> tuple:
+        """What of the ticket's order would count at most ``limit`` seconds (``quota.what_fits``)."""
+        allowance = self.quota.allowance(ticket.visitor)
+        request = ticket.request
+        current = dict(num_images=request.num_images, num_sampling_steps=request.num_sampling_steps,
+                       size=request.size)
+        return what_fits(ticket.order, limit, lambda order: allowance.counted(self.reservation(order)), current,
+                         self.sizes(request.edit))
+
+    def _refused(self, ticket: GpuTicket, error: Exception) -> QuotaExceeded | None:
+        """A refusal of ZeroGPU's (quota, duration, queue) as a ``QuotaExceeded`` with what fits; the
+        visitor's ledger learns from it."""
+        refusal = read_refusal(error)
+        if refusal is not None and ticket.visitor is not None:
+            self.quota.learn(ticket.visitor, refusal)
+            limit = refusal.limit if refusal.kind == "left" else None
+            refusal.fits = self._fits(ticket, limit) if limit is not None else ()
+        return refusal
 
     async def frames(self, ticket: GpuTicket) -> AsyncIterator[Progress]:
         """The ticket's frames, from its GPU task; spaces' errors arrive as it raises them.
@@ -157,9 +205,11 @@ class GpuService(ModelFacts):
             ticket.cancel()  # a no-op once finished
 
     def _relay(self, ticket: GpuTicket, post: Callable) -> None:
+        started, ran = time.monotonic(), False
         frames = self.task.run(self.model, ticket.request, ticket.preview, ticket.preview_every)
         try:
             for frame in frames:
+                ran = True
                 if isinstance(frame, ValueError):
                     raise frame
                 if ticket.cancelled:
@@ -168,8 +218,10 @@ class GpuService(ModelFacts):
                     self.task.reservation.calibrate(self.model, ticket.request, frame.elapsed / frame.done)
                 post(frame)
         except Exception as error:  # noqa: BLE001 - spaces' messages (quota, queue, aborted task) are for users
-            post(error)
+            post(self._refused(ticket, error) or error)
         finally:
+            if ran and ticket.visitor is not None:  # what the task held the GPU for, at most
+                self.quota.charge(ticket.visitor, time.monotonic() - started)
             # Closing spaces' generator tells the worker to close ``GpuTask.frames`` (which stops the
             # token loop) and returns once the task has ended and its GPU is released.
             frames.close()

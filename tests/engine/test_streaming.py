@@ -1,8 +1,10 @@
 """stream(): events, preview cadence, and equality with generate()."""
 
+import numpy as np
 import pytest
 import torch
 
+from nextstep.engine.preview import MARKER, NEUTRAL
 from nextstep.engine.token_loop import BatchDecoder
 
 from ..conftest import TINY, images_as_array, load_case, tiny_with_stored_settings
@@ -83,3 +85,26 @@ def test_closing_the_stream_stops_sampling(tiny_pipe, monkeypatch):
     assert (first.done, second.done) == (1, 2)
     assert len(steps) == 2, "no token is sampled after the stream is closed"
     assert list(stream) == []
+
+
+@pytest.mark.parametrize("mode", ["vae", "fast"])
+def test_a_preview_shows_unsampled_tokens_as_a_neutral_fill_and_marks_the_row(tiny_pipe, every_preview_delivered,
+                                                                             mode):
+    """Mid-generation, the area no token has reached is the neutral fill (not the decoder's guess
+    of empty tokens), a line marks the row being sampled, and what is sampled is the picture itself."""
+    events = list(tiny_pipe.stream("a red circle", preview_every=6, preview=mode, **KWARGS))  # a 4x4 grid
+    [first, second] = [e for e in events if e.preview is not None][:2]
+    tokens, grid = events[-1].result.tokens, (4, 4)
+    for event in (first, second):
+        shown = np.asarray(event.preview[0]).astype(int)
+        row, column = divmod(event.done, 4)  # 6 -> row 1, column 2; 12 -> row 3, column 0
+        line = slice((row + 1) * 16 - 2, (row + 1) * 16)
+        assert (shown[(row + 1) * 16:] == NEUTRAL).all()
+        assert (shown[row * 16:line.start, column * 16:] == NEUTRAL).all()
+        assert (shown[line] == MARKER).all()
+        partial = tokens.clone()
+        partial[:, event.done:] = 0
+        whole = np.asarray(tiny_pipe.engine.previewer(partial, grid, mode)[0]).astype(int)
+        assert np.array_equal(shown[:row * 16], whole[:row * 16]) and np.array_equal(
+            shown[row * 16:line.start, :column * 16], whole[row * 16:line.start, :column * 16])
+        assert not (whole[row * 16:line.start, column * 16:] == NEUTRAL).all(), "the decoder paints empty tokens"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -312,3 +313,47 @@ def test_an_empty_seed_box_gets_a_message(page):
     page.fill("#generate-prompt textarea", "a red circle")
     page.click("#generate-run")
     page.wait_for_selector("text=Seed is empty", timeout=30_000)
+
+
+# ---- the browser's language -------------------------------------------------------------------
+
+LANGUAGES = {
+    "zh-CN": dict(run="生成", prompt="提示词", ready="就绪。", settings="设置", done="完成", tab="编辑",
+                  empty="请先输入提示词"),
+    "en-US": dict(run="Generate", prompt="Prompt", ready="Ready.", settings="Settings", done="Done", tab="Edit",
+                  empty="Enter a prompt first"),
+}
+
+
+@pytest.mark.parametrize("locale", list(LANGUAGES))
+def test_the_page_speaks_the_browsers_language_and_generates(browser, url, locale):
+    words = LANGUAGES[locale]
+    context = browser.new_context(locale=locale, viewport=VIEWPORT)
+    try:
+        page = open_page(context, url)
+        assert page.locator("#generate-run").inner_text().strip() == words["run"]
+        assert page.locator("#generate-status").inner_text().strip() == words["ready"]
+        assert page.get_by_role("tab", name=words["tab"]).count() == 1
+        assert page.get_by_text(words["settings"], exact=True).count() >= 1
+        assert page.locator("#generate-prompt").get_by_text(words["prompt"], exact=True).count() == 1
+        page.click("#generate-run")  # no prompt yet: the page's own message, in the same language
+        page.wait_for_selector(f"text={words['empty']}", timeout=30_000)
+        choose_size(page, "generate", "64 × 64 (1:1)")
+        set_slider(page, "generate-steps", 2)
+        page.fill("#generate-prompt textarea", "a red circle")
+        page.click("#generate-run")
+        page.wait_for_function("word => document.querySelector('#generate-status').innerText.startsWith(word)",
+                               arg=words["done"], timeout=120_000)
+        wait_for_result(page, "generate")
+    finally:
+        context.close()
+
+
+def test_quick_look_sets_its_preset(page, url):
+    label = page.locator("#generate-quick").inner_text()  # "Quick look (256×256, 25 steps)" on the tiny model
+    size, steps = re.search(r"\((\d+)×(\d+), (\d+) steps", label).group(1, 3)
+    set_slider(page, "generate-steps", 3)
+    page.click("#generate-quick")
+    page.wait_for_function("steps => document.querySelector('#generate-steps input[type=number]').value === steps",
+                           arg=steps, timeout=30_000)
+    assert page.locator("#generate-size input").input_value().startswith(f"{size} × {size}")

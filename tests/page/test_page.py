@@ -3,6 +3,7 @@ messages, concurrent requests, Stop."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import threading
@@ -15,7 +16,13 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from nextstep.engine.preview import MARKER, NEUTRAL
+from nextstep.page.i18n import LANGUAGE
+from nextstep.page.visitors import reservation_note
 from nextstep.pnginfo import read_parameters
+from nextstep.serving.quota import QuotaExceeded, QuotaLedger, QuotaPolicy
+from nextstep.serving.service import Order, Visitor
+from nextstep.serving.zerogpu import GpuService, GpuTask
 
 from ..pages import (
     GENERATE,
@@ -210,3 +217,55 @@ def test_identical_results_never_rewrite_a_file_being_downloaded(served):
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     assert bodies and all(len(body) == length for length, body in bodies)
     assert all(Image.open(io.BytesIO(body)).size == (128, 64) for _, body in bodies)
+
+
+def test_the_reservation_note_shows_what_the_request_reserves_and_what_fits(tiny_pipe):
+    service = GpuService(GpuTask([tiny_pipe], 0.0, lambda task, **reservation: task), 0, QuotaLedger(QuotaPolicy()))
+    visitor = Visitor("address:a")
+    order = Order("a picture", settings=dict(size="64x64", num_sampling_steps=2, num_images=1), visitor=visitor)
+    seconds = service.reservation(order)
+    note = reservation_note(service, order)
+    assert f"reserves **{seconds} s**" in note and "120 s a day" in note and "Sign in" in note and "⚠" not in note
+    service.quota.learn(visitor, QuotaExceeded("left", seconds + 5, seconds - 1, "anonymous"))
+    assert "⚠" in reservation_note(service, order) and "No smaller request" in reservation_note(service, order)
+    LANGUAGE.set("zh-CN")
+    try:
+        assert f"预留 **{seconds} 秒**" in reservation_note(service, order)
+    finally:
+        LANGUAGE.set("en")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["vae", "fast"])
+def test_a_mid_generation_preview_shows_the_unsampled_area_as_the_neutral_fill(client, mode):
+    previews, _ = run(client, "/generate", **dict(GENERATE, preview=mode))  # 128x64: 4 rows of 8 tokens
+    first = previews[0].astype(int)  # after 2 tokens: the first row is being sampled
+    assert np.abs(first[20:] - NEUTRAL).max() <= 8, "below the row being sampled: the neutral fill (as JPEG)"
+    assert np.abs(first[14:16, 40:] - MARKER).mean() <= 24, "the line under the row being sampled"
+    assert np.abs(previews[-1][:16].astype(int) - NEUTRAL).mean() > 20, "what is sampled is the picture"
+
+
+@pytest.mark.slow
+def test_a_run_too_quick_for_its_previews_replays_its_stages_ending_on_the_result(client):
+    # Previews every 64 tokens of a 32-token picture: none is shown before the result.
+    _, outputs = run(client, "/generate", **dict(GENERATE, preview="fast", preview_every=64))
+    replay = outputs[0]
+    assert replay["url"].startswith("data:image/webp;base64,")
+    animation = Image.open(io.BytesIO(base64.b64decode(replay["url"].split(",", 1)[1])))
+    assert animation.n_frames == 7 and animation.info.get("loop") == 1  # six stages, then the result, once
+    frames = []
+    for index in range(animation.n_frames):
+        animation.seek(index)
+        frames.append(np.asarray(animation.convert("RGB")).astype(int))
+    assert np.abs(frames[0][20:] - NEUTRAL).max() <= 8 and np.abs(frames[3][48:] - NEUTRAL).max() <= 8
+    final = pixels(final_images(outputs)[0]).astype(int)
+    # Lossy WebP (its colour at half resolution) leaves the tiny model's pixel noise near, not equal.
+    error = [np.abs(frame - final).mean() for frame in frames]
+    assert error[-1] < 20 and error[-1] < 0.6 * min(error[:-1]), "it ends on the result"
+
+
+def test_on_the_whole_gpu_the_note_says_a_request_counts_twice(tiny_pipe):
+    task = GpuTask([tiny_pipe], 0.0, lambda task, **reservation: task, size="xlarge")
+    service = GpuService(task, 0, QuotaLedger(QuotaPolicy(xlarge=True)))
+    order = Order("a picture", settings=dict(size="64x64", num_sampling_steps=2), visitor=Visitor("address:b"))
+    assert f"It counts {2 * service.reservation(order)} s against your quota" in reservation_note(service, order)

@@ -9,7 +9,7 @@ import pytest
 
 from nextstep.engine.sizes import Size, closest_size
 from nextstep.pnginfo import read_parameters
-from nextstep.serving.examples import load_examples
+from nextstep.serving.examples import OFFICIAL_EXAMPLES, SHAPES_EXAMPLES, examples_for, load_examples
 from nextstep.serving.scheduler import LocalService
 from nextstep.serving.service import Order
 
@@ -89,3 +89,14 @@ def test_invalid_settings_fail_before_taking_the_model(tiny_pipe):
     with pytest.raises(ValueError, match="multiples of 16"):
         shared.submit(Order("a red circle", settings=dict(size=(64, 60))))
     assert not shared.busy
+
+
+def test_every_official_release_gets_the_official_examples_nextstep_11_first_each_with_a_chinese_caption():
+    for release in ("NextStep-1.1", "NextStep-1.1-Pretrain", "NextStep-1.1-Pretrain-256px", "NextStep-1-Large",
+                    "NextStep-1-Large-Edit", "NextStep-1-Large-Pretrain"):
+        assert examples_for(f"stepfun-ai/{release}") == OFFICIAL_EXAMPLES
+    assert examples_for("someone/another-model") is None
+    official, shapes = load_examples(OFFICIAL_EXAMPLES), load_examples(SHAPES_EXAMPLES)
+    assert official["text_to_image"][0]["prompt"] == "A baby panda wearing an Iron Man mask"  # 1.1's model card
+    for example in [*official["text_to_image"], *official["edit"], *shapes["text_to_image"], *shapes["edit"]]:
+        assert example["caption_zh"], example

@@ -215,7 +215,7 @@ def test_a_preview_decoder_that_never_finishes_holds_up_neither_the_loop_nor_the
     is still sampled, the result arrives, and the previews due meanwhile are skipped, not queued."""
     release, entered, calls = threading.Event(), threading.Event(), []
 
-    def stuck(tokens, grid, mode):
+    def stuck(tokens, grid, mode, done):
         calls.append(mode)
         entered.set()
         release.wait(60)

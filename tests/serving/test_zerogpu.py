@@ -9,8 +9,10 @@ it was asked (reservations, releases), so the test can wait on its state.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import httpx
 import pytest
 import torch
 from gradio_client import Client, handle_file
@@ -42,6 +45,7 @@ from nextstep.serving.zerogpu import GpuService, GpuTask
 from nextstep.tools.shapes import random_config
 
 from ..conftest import ROOT, TINY
+from ..page.test_browser import VIEWPORT, chromium, open_page, set_slider
 from ..pages import GENERATE, INPUT_IMAGE, free_port, got_result, preview_pixels
 
 # NextStep-1's official text-to-image request, and what an edit changes.
@@ -151,12 +155,34 @@ def test_a_gpu_task_streams_throttled_frames_and_the_result(tiny_pipe):
 
 
 class DeviceAPI(ThreadingHTTPServer):
-    """ZeroGPU's device API, as spaces' client calls it: every GPU asked for is granted at once."""
+    """ZeroGPU's device API, as spaces' client calls it: every GPU asked for is granted at once,
+    unless the test has it refuse the next one for the visitor's quota (``refuse_next``)."""
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), DeviceAPIHandler)
         self.calls: list[tuple[str, dict]] = []  # (path, query), in order
         self.changed = threading.Condition()
+        self.refusals: list[tuple[dict, dict]] = []  # (body, headers) of the next /schedule answers
+        self.granted = 0  # GPUs granted, each released once its task ends
+
+    def refuse_next(self, left: int, wait_seconds: int, auth: str | None = None) -> None:
+        """Answer the next /schedule as ZeroGPU answers a request over the visitor's quota: 429,
+        what is left and how long to wait, and the visitor's tier in X-Authenticated."""
+        headers = {"X-Approve-Result": "quota-exceeded", **({"X-Authenticated": auth} if auth else {})}
+        with self.changed:
+            self.refusals.append(({"left": left, "wait": wait_seconds}, headers))
+
+    def next_refusal(self) -> tuple[dict, dict] | None:
+        """The answer the next /schedule gets: a refusal the test asked for, or None (a GPU, granted)."""
+        with self.changed:
+            if self.refusals:
+                return self.refusals.pop(0)
+            self.granted += 1
+            return None
+
+    def wait_idle(self) -> None:
+        """Until every GPU granted so far was released (an earlier test's task may end after its answer)."""
+        self.wait_for(lambda: len(self.called("/release")) >= self.granted)
 
     @property
     def url(self) -> str:
@@ -181,11 +207,16 @@ class DeviceAPIHandler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         self.server.record(url.path, query)
-        body = b""
-        if url.path == "/schedule":
+        body, status, headers = b"", 200, {}
+        if url.path == "/schedule" and (refusal := self.server.next_refusal()) is not None:
+            (answer, headers), status = refusal, 429
+            body = json.dumps(answer).encode()
+        elif url.path == "/schedule":
             token = f"token-{len(self.server.called('/schedule'))}"
             body = json.dumps({"idle": True, "nvidiaIndex": 0, "nvidiaUUID": "GPU-fake", "allowToken": token}).encode()
-        self.send_response(200)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -229,6 +260,11 @@ def zero_gpu_space(tmp: Path):
         ZEROGPU_OFFLOAD_DIR=str(tmp / "offload"), ZEROGPU_MMAP_AUTOPRUNE_PATTERN=str(hub / "models--*/blobs/*"),
         ZEROGPU_PROC_SELF_CGROUP_PATH=str(tmp / "cgroup"), GRADIO_CACHE_EXAMPLES="true",
         GRADIO_EXAMPLES_CACHE=str(tmp / "examples"),
+        # A Space with Hugging Face sign-in (hf_oauth: true sets these; nobody signs in here), behind
+        # the Space's one proxy, whose X-Forwarded-For tells visitors apart.
+        SYSTEM="spaces", SPACE_ID="test/nextstep-studio", SPACE_HOST="127.0.0.1", OAUTH_CLIENT_ID="test-client",
+        OAUTH_CLIENT_SECRET="test-secret", OAUTH_SCOPES="openid profile", OPENID_PROVIDER_URL=api.url,
+        GRADIO_SSR_MODE="false", GRADIO_ANALYTICS_ENABLED="false",
     )
     port = free_port()
     # A session of its own, so that ending it ends the GPU workers spaces forked from it too.
@@ -319,6 +355,7 @@ def test_a_users_message_from_inside_the_gpu_task_reaches_the_page_whole(space):
 @pytest.mark.slow
 def test_stop_ends_the_gpu_task(space):
     url, api = space.url, space.api
+    api.wait_idle()
     scheduled, released = len(api.called("/schedule")), len(api.called("/release"))
     job = Client(url, verbose=False).submit(
         api_name="/generate", **dict(GENERATE, size="256x256", num_sampling_steps=50, preview="fast"))
@@ -333,3 +370,84 @@ def test_stop_ends_the_gpu_task(space):
     assert not got_result(job), "no final image after Stop"
     # The worker is free again: the next request runs to its end.
     assert Client(url, verbose=False).predict(**dict(GENERATE, preview="none"), api_name="/generate")[1]
+
+
+# ---- visitors' quotas, under the real wrapper --------------------------------------------------
+
+
+def ip_token(address: str) -> str:
+    """An X-IP-Token as the Hub sends one (a JWT: spaces reads its payload)."""
+    payload = base64.urlsafe_b64encode(json.dumps({"ip": address}).encode()).decode().rstrip("=")
+    return f"header.{payload}.signature"
+
+
+def visitor_client(url: str, address: str) -> Client:
+    """A visitor at ``address`` (as the Space's proxy reports it), with the Hub's identity header."""
+    return Client(url, verbose=False, headers={"X-Forwarded-For": address, "X-IP-Token": ip_token(address)})
+
+
+def waiting_reservation(outputs: list[tuple]) -> int:
+    """The GPU seconds the status line said the request reserves, while it waited."""
+    [line] = [status for _, _, status, *_ in outputs if isinstance(status, str) and "reserves" in status]
+    return int(re.search(r"reserves (\d+) s", line)[1])
+
+
+@pytest.mark.slow
+def test_a_quota_refusal_of_zerogpus_is_a_message_and_a_request_over_it_is_refused_before_the_gpu_call(space):
+    api = space.api
+    visitor = visitor_client(space.url, "10.0.0.1")
+    scheduled = len(api.called("/schedule"))
+    api.refuse_next(left=9, wait_seconds=1200, auth="regular")
+    with pytest.raises(AppError) as refused:
+        visitor.predict(**GENERATE, api_name="/generate")
+    message = str(refused.value)
+    assert "you have about 9 s left today" in message and "Or try again in 0:20:00" in message
+    assert "Traceback" not in message and "gr.Error" not in message
+    assert len(api.called("/schedule")) == scheduled + 1
+    assert api.called("/schedule")[-1]["token"] == ip_token("10.0.0.1"), "ZeroGPU was told who asked"
+    # The page remembers what ZeroGPU said: the same request is now refused before any GPU is asked for.
+    with pytest.raises(AppError, match=r"counts \d+ s of ZeroGPU time; you have about 9 s left today"):
+        visitor.predict(**GENERATE, api_name="/generate")
+    assert len(api.called("/schedule")) == scheduled + 1
+
+
+@pytest.mark.slow
+def test_a_request_within_the_quota_runs_reserving_what_the_page_showed_charged_to_its_visitor(space):
+    api = space.api
+    outputs = list(visitor_client(space.url, "10.0.0.2").submit(api_name="/generate", **GENERATE))
+    assert outputs[-1][2].startswith("Done")
+    scheduled = api.called("/schedule")[-1]
+    assert scheduled["token"] == ip_token("10.0.0.2"), "the visitor's identity header reached the GPU call"
+    assert waiting_reservation(outputs) == int(scheduled["durationSeconds"])
+
+
+@pytest.mark.slow
+def test_the_page_offers_sign_in_and_shows_the_reservation_before_generate(space):
+    config = httpx.get(space.url + "config", timeout=30).json()
+    components = {component["props"].get("elem_id"): component for component in config["components"]}
+    assert "sign_in" in components["sign-in"]["props"]["value"]  # gr.LoginButton, labelled in the visitor's language
+    assert components["generate-reservation"]["props"]["visible"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_in_the_browser_the_reservation_shown_before_generate_is_the_one_requested(space):
+    with chromium() as browser:
+        context = browser.new_context(locale="en-US", viewport=VIEWPORT, extra_http_headers={
+            "X-Forwarded-For": "10.0.0.3", "X-IP-Token": ip_token("10.0.0.3")})
+        page = open_page(context, space.url)
+        note = "(document.querySelector('#generate-reservation [data-testid=markdown]')?.innerText ?? '')"
+        page.wait_for_function(f"{note}.includes('reserves')", timeout=30_000)  # the defaults' reservation
+        before = page.evaluate(note)
+        set_slider(page, "generate-steps", 2)  # one change: the note is brought up to date once
+        page.wait_for_function(f"before => {note} !== before", arg=before, timeout=30_000)
+        shown_note = page.evaluate(note)
+        shown = int(re.search(r"reserves (\d+) s", shown_note)[1])
+        assert "120 s a day" in shown_note and shown != int(re.search(r"reserves (\d+) s", before)[1])
+        page.fill("#generate-prompt textarea", "a red circle")
+        page.click("#generate-run")
+        page.wait_for_function("document.querySelector('#generate-status').innerText.startsWith('Done')",
+                               timeout=120_000)
+        requested = space.api.called("/schedule")[-1]
+        assert int(requested["durationSeconds"]) == shown and requested["token"] == ip_token("10.0.0.3")
+        context.close()
