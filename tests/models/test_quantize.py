@@ -17,8 +17,8 @@ from nextstep.models.quantize import (
     is_quantized,
     quantized_linears,
 )
-from nextstep.serving.service import describe
 from nextstep.serving.reservation import ModelCost
+from nextstep.serving.service import describe
 from nextstep.tools.schemes import image_psnr
 
 from ..conftest import ROOT, TINY, TINY11, api_kwargs, load_case

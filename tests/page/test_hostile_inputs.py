@@ -193,25 +193,6 @@ def test_a_number_as_prompt_is_read_as_text(client):
     assert client.predict(**dict(QUICK, prompt=12), api_name="/generate")[3]["prompt"] == "12"
 
 
-def test_a_full_line_is_told_to_come_back_and_the_server_goes_on(tiny_pipe):
-    from nextstep.serving.compose import Services
-    from nextstep.serving.scheduler import LocalService
-
-    shared = LocalService(tiny_pipe, frame_interval=0.0, max_batch=1, max_waiting=1)
-    with launched(Services(shared, shared)) as url:
-        slow = dict(QUICK, size="128x64", num_sampling_steps=40)
-        jobs = [Client(url, verbose=False).submit(**dict(slow, seed=seed), api_name="/generate") for seed in (1, 2, 3)]
-        outcomes = []
-        for job in jobs:
-            try:
-                outcomes.append(bool(final_images(job.result())))
-            except AppError as error:
-                outcomes.append(str(error))
-        assert sum(outcome is True for outcome in outcomes) >= 1
-        assert any(isinstance(o, str) and "busy" in o for o in outcomes)
-        assert final_images(Client(url, verbose=False).predict(**QUICK, api_name="/generate"))
-
-
 def test_refused_input_logs_one_line_and_no_traceback(client, capfd, caplog):
     capfd.readouterr()
     with caplog.at_level(logging.INFO, logger="nextstep.page"):

@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -147,19 +146,6 @@ def test_concurrent_requests_do_not_mix(served):
         assert np.abs(mine.astype(int) - own.astype(int)).max() <= 1
         assert (mine != own).mean() < 0.01
     assert not np.array_equal(together[0], together[1])
-
-
-@pytest.mark.slow
-def test_stop_frees_the_model_within_a_second(served, client, monkeypatch):
-    _, services = served
-    job = start_held_generation(services, client, monkeypatch)
-    assert services.generator.busy
-    job.cancel()
-    stopped = time.monotonic()
-    while services.generator.busy:
-        assert time.monotonic() - stopped < 1.0, "the model should be free within a second of Stop"
-        time.sleep(0.01)
-    assert not got_result(job), "no final image after Stop"
 
 
 @pytest.mark.slow

@@ -9,7 +9,12 @@ import pytest
 
 from nextstep.engine.sizes import Size, closest_size
 from nextstep.pnginfo import read_parameters
-from nextstep.serving.examples import OFFICIAL_EXAMPLES, SHAPES_EXAMPLES, examples_for, load_examples
+from nextstep.serving.examples import (
+    OFFICIAL_EXAMPLES,
+    SHAPES_EXAMPLES,
+    examples_for,
+    load_examples,
+)
 from nextstep.serving.scheduler import LocalService
 from nextstep.serving.service import Order
 

@@ -194,10 +194,8 @@ def test_waiting_reader_notices_a_dead_worker(tiny_pipe, monkeypatch):
     gate, blocker = hold(scheduler, monkeypatch)
     waiting = scheduler.submit("a red circle", preview="none", **COMMON)
     worker, scheduler._worker = scheduler._worker, threading.Thread(target=lambda: None)  # a crashed worker
-    started = time.monotonic()
-    with pytest.raises(GenerationFailed, match="stopped"):
+    with pytest.raises(GenerationFailed, match="stopped"):  # not a wait for ever
         list(waiting)
-    assert time.monotonic() - started < 5
     scheduler._worker = worker
     gate.set()
     scheduler.close()

@@ -1,6 +1,6 @@
 """The page as a ZeroGPU Space serves it, on a CPU: ``python -m tests.serving.zerogpu_space MODEL VAE PORT``.
 
-Started by tests/test_zerogpu.py with ZeroGPU's environment (``SPACES_ZERO_GPU``, the device API's
+Started by tests/serving/zerogpu_harness.py with ZeroGPU's environment (``SPACES_ZERO_GPU``, the device API's
 address, spaces' offload and prune paths). Everything is spaces' own code (CUDA emulation while
 loading, packing the weights at launch, forking a worker per GPU, pickling the arguments and every
 frame across, Stop), except what needs a real GPU, faked here:
@@ -64,6 +64,7 @@ from nextstep.page.layout import build_demo, launch  # noqa: E402
 from nextstep.serving.examples import SHAPES_EXAMPLES  # noqa: E402
 
 from ..conftest import deliver_previews_before_next_token  # noqa: E402
+from .holds import holding_on_zero_gpu  # noqa: E402
 
 
 def main(model: str, vae: str, port: int) -> None:
@@ -72,6 +73,7 @@ def main(model: str, vae: str, port: int) -> None:
     options = RuntimeOptions(model=model, vae=vae, dtype="float32", step="eager")
     services = app.serve_models(options, frame_interval=0.0)
     deliver_previews_before_next_token(services.generator.pipe.engine)  # as many previews on any machine
+    holding_on_zero_gpu(services.generator.pipe.engine)  # HOLD requests run until stopped
     # Examples, so that the test sees none of them run at start-up (they are cached lazily).
     services.examples = {"text_to_image": SHAPES_EXAMPLES, "edit": SHAPES_EXAMPLES}
     launch(build_demo(services), "127.0.0.1", port, quiet=True)
