@@ -6,13 +6,15 @@ Each of ``--clients`` threads opens its own ``gradio_client`` connection and sen
 with it; ``--varied`` draws each request's settings at random within what the page offers (its
 sizes and samplers as the app's API lists them). The run reports images per second, p50/p95
 latency and failed requests (a result that is not the request's own, by the seed and prompt it
-carries, counts as failed). It only talks to this machine (loopback addresses) and stops sending
+carries, or whose picture does not download whole, counts as failed). The pictures are fetched
+as the page fetches them, into memory: a load test leaves no files behind. It only talks to this machine (loopback addresses) and stops sending
 after ``--time-limit`` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import ipaddress
 import json
 import random
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
 
@@ -82,6 +85,16 @@ def picture(rng: random.Random, folder: Path) -> Path:
     return path
 
 
+def fetched(client: Client, gallery: list[dict]) -> int:
+    """Download a result's pictures by their URLs, as the page does; how many there are (a body cut
+    short fails to decode and raises)."""
+    for item in gallery:
+        response = httpx.get(item["image"]["url"], headers=client.headers, timeout=60)
+        response.raise_for_status()
+        Image.open(io.BytesIO(response.content)).verify()
+    return len(gallery)
+
+
 def one_request(client: Client, rng: random.Random, seed: int, prompt: str, settings: dict, mix: Mix,
                 choices: dict, folder: Path) -> dict:
     """Send one request as the mix says; its outcome (ok: the request's own result arrived)."""
@@ -94,7 +107,7 @@ def one_request(client: Client, rng: random.Random, seed: int, prompt: str, sett
                                      randomize_seed=False, **settings, api_name="/edit")
         else:
             outputs = client.predict(prompt=prompt, seed=seed, randomize_seed=False, **settings, api_name="/generate")
-        images = len(outputs[1]) if isinstance(outputs, (list, tuple)) and outputs[1] else 0
+        images = fetched(client, outputs[1]) if isinstance(outputs, (list, tuple)) and outputs[1] else 0
         # The parameters shown with the images: this request's, not another's.
         shown = outputs[3] if images else {}
         mixed = images > 0 and (shown.get("seed"), shown.get("prompt")) != (seed, prompt)
@@ -124,7 +137,7 @@ def run(url: str, clients: int, requests: int, time_limit: float, settings: dict
     lock = threading.Lock()
     # Connecting reads the app's whole API description, which is slow work for the server: done
     # before the clock starts, so the figures are about generating.
-    connections = [Client(url, verbose=False) for _ in range(clients)]
+    connections = [Client(url, verbose=False, download_files=False) for _ in range(clients)]
     deadline = time.monotonic() + time_limit
     threads = [
         threading.Thread(target=client_loop, args=(client, i, requests, deadline, settings, mix, record, lock),

@@ -1,7 +1,7 @@
 """``python -m nextstep.tools.soak``: run the app under load for minutes and report what it holds.
 
 Starts ``app.py`` (the embedded model unless ``--model``) on a free loopback port with a cache
-folder of its own, drives it with ``nextstep.tools.loadtest``'s clients for ``--minutes``, and prints the
+folder of its own (removed at the end), drives it with ``nextstep.tools.loadtest``'s clients for ``--minutes``, and prints the
 requests, failures and latencies, the server's resident memory (RSS) over the run, and the files
 and bytes its cache holds at the end. Linux only (RSS is read from /proc).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def soak(minutes: float, clients: int, settings: dict, app_args: list[str], mix:
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(cache, ignore_errors=True)
     return dict(report, samples=samples)
 
 
