@@ -21,9 +21,8 @@ import torch
 from ..models.config import NextStepConfig
 from ..models.model import NextStepModel
 from ..models.quantize import quantized_linears
-from ..models.vae import VAEConfig
 from .autoround import stored_quantization
-from .memory import Workload, prompt_tokens, tensor_bytes
+from .memory import tensor_bytes
 
 BACKBONE = ("layers.", "norm.", "image_in_projector.", "image_out_projector.")
 # Flow-head tensors read at every sampling step; the rest of the head is read once per token.
@@ -102,10 +101,3 @@ def token_traffic(config: NextStepConfig, dtype: torch.dtype, quantize: str | No
                   sampling_steps: int, converts: bool = False) -> TokenTraffic:
     """What one token of a ``rows``-row batch reads, ``context`` tokens cached (``WeightReads``)."""
     return WeightReads.of(config, dtype, quantize, converts).token(rows, context, sampling_steps)
-
-
-def workload_traffic(config: NextStepConfig, vae: VAEConfig, dtype: torch.dtype, quantize: str | None,
-                     workload: Workload, sampling_steps: int, converts: bool = False) -> TokenTraffic:
-    """``token_traffic`` of a memory plan's workload (its longest row, at its middle token)."""
-    prompt, image_tokens = prompt_tokens(config, vae, workload)
-    return token_traffic(config, dtype, quantize, workload.rows, prompt + image_tokens // 2, sampling_steps, converts)

@@ -21,7 +21,6 @@ from contextvars import ContextVar
 import gradio as gr
 from gradio.i18n import I18nData
 
-LANGUAGES = ("en", "zh-CN")
 LANGUAGE: ContextVar[str] = ContextVar("nextstep_page_language", default="en")
 
 # key -> (English, Simplified Chinese). Placeholders in braces are filled by ``say``.
