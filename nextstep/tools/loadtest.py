@@ -7,8 +7,8 @@ with it; ``--varied`` draws each request's settings at random within what the pa
 sizes and samplers as the app's API lists them). The run reports images per second, p50/p95
 latency and failed requests (a result that is not the request's own, by the seed and prompt it
 carries, or whose picture does not download whole, counts as failed). The pictures are fetched
-as the page fetches them, into memory: a load test leaves no files behind. It only talks to this machine (loopback addresses) and stops sending
-after ``--time-limit`` seconds.
+as the page fetches them, into memory: a load test leaves no files behind. It only talks to this
+machine (loopback addresses) and stops sending after ``--time-limit`` seconds.
 """
 
 from __future__ import annotations

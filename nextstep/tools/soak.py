@@ -1,9 +1,9 @@
 """``python -m nextstep.tools.soak``: run the app under load for minutes and report what it holds.
 
 Starts ``app.py`` (the embedded model unless ``--model``) on a free loopback port with a cache
-folder of its own (removed at the end), drives it with ``nextstep.tools.loadtest``'s clients for ``--minutes``, and prints the
-requests, failures and latencies, the server's resident memory (RSS) over the run, and the files
-and bytes its cache holds at the end. Linux only (RSS is read from /proc).
+folder of its own (removed at the end), drives it with ``nextstep.tools.loadtest``'s clients for
+``--minutes``, and prints the requests, failures and latencies, the server's resident memory
+(RSS) over the run, and the files and bytes its cache holds at the end. Linux only (RSS is read from /proc).
 """
 
 from __future__ import annotations
