@@ -7,8 +7,9 @@ their packed size; the flow head's time and condition layers (embedders, adaLN m
 and the rest of it (input projection, residual MLPs and norms, final linear) at every sampling
 step; and the keys and values of every cached token, at the middle token's context. int8 off the
 CPU in eager mode also writes and reads a converted copy of each weight (``converts``); compiled,
-it is counted as fused into the matmul (what torch.compile can do; not measured on a GPU). Activations are small and left out. Bytes divided by a GPU's memory bandwidth are a lower bound on its time
-per token: kernel launches and matmuls too small to saturate the bandwidth add to it.
+it is counted as fused into the matmul (what torch.compile can do; not measured on a GPU).
+Activations are small and left out. Bytes divided by a GPU's memory bandwidth are a lower bound on
+its time per token: kernel launches and matmuls too small to saturate the bandwidth add to it.
 """
 
 from __future__ import annotations
