@@ -160,16 +160,16 @@ class QuotaLedger:
         self.policy, self.clock = policy, clock
         self._used: dict[str, deque[tuple[float, float]]] = {}  # key -> (when, seconds) over the last day
         self._reports: dict[str, Report] = {}
-        self._tiers: dict[str, str] = {}  # the tier ZeroGPU named
+        self._tiers: dict[str, tuple[str, float]] = {}  # the tier ZeroGPU named, and when
         self._lock = threading.Lock()
 
     def tier(self, visitor: Visitor) -> str:
-        return self._tiers.get(visitor.key, visitor.tier)
+        return self._tiers.get(visitor.key, (visitor.tier,))[0]
 
     def allowance(self, visitor: Visitor) -> Allowance:
         tier, now = self.tier(visitor), self.clock()
         with self._lock:
-            used = self._used.setdefault(visitor.key, deque())
+            used = self._used.get(visitor.key, ())
             while used and now - used[0][0] > DAY:
                 used.popleft()
             left = self.policy.daily[tier] - sum(seconds for _, seconds in used)
@@ -195,15 +195,34 @@ class QuotaLedger:
 
     def charge(self, visitor: Visitor, seconds: float) -> None:
         """Count ``seconds`` of GPU time used by ``visitor``'s request through this Space."""
+        now = self.clock()
         with self._lock:
-            self._used.setdefault(visitor.key, deque()).append((self.clock(), seconds))
+            self._forget(now)
+            self._used.setdefault(visitor.key, deque()).append((now, seconds))
 
     def learn(self, visitor: Visitor, refusal: QuotaExceeded) -> None:
         """Remember what ZeroGPU said of ``visitor`` in a refusal: their tier, and what is left until when."""
-        if refusal.tier is not None:
-            self._tiers[visitor.key] = refusal.tier
-        if refusal.kind == "left" and refusal.limit is not None:
-            now = self.clock()
-            wait = refusal.wait.total_seconds() if refusal.wait is not None else DAY
-            with self._lock:
+        now = self.clock()
+        with self._lock:
+            self._forget(now)
+            if refusal.tier is not None:
+                self._tiers[visitor.key] = (refusal.tier, now)
+            if refusal.kind == "left" and refusal.limit is not None:
+                wait = refusal.wait.total_seconds() if refusal.wait is not None else DAY
                 self._reports[visitor.key] = Report(refusal.limit, now, now + wait)
+
+    def visitors(self) -> int:
+        """How many visitors the ledger holds anything of."""
+        with self._lock:
+            return len(self._used.keys() | self._reports.keys() | self._tiers.keys())
+
+    def _forget(self, now: float) -> None:
+        """Drop what is older than a day (use, the tiers ZeroGPU named) or no longer in force
+        (ZeroGPU's figures), so the ledger holds a day's visitors, not everyone ever seen (called
+        with the lock held)."""
+        for key in [key for key, used in self._used.items() if not used or now - used[-1][0] > DAY]:
+            del self._used[key]
+        for key in [key for key, report in self._reports.items() if now >= report.until]:
+            del self._reports[key]
+        for key in [key for key, (_, learned) in self._tiers.items() if now - learned > DAY]:
+            del self._tiers[key]

@@ -74,6 +74,25 @@ def test_the_ledger_counts_a_days_use_and_what_zerogpu_said():
     assert ledger.allowance(visitor).left == 300
 
 
+
+def test_the_ledger_holds_a_days_visitors_not_everyone_ever_seen():
+    """A page view asks for the visitor's allowance and leaves nothing behind; use and what ZeroGPU
+    said are dropped a day later, so a public Space's ledger does not grow with every visitor."""
+    clock = Clock()
+    ledger = QuotaLedger(QuotaPolicy(), clock)
+    for n in range(100):
+        assert ledger.allowance(Visitor(f"address:10.0.0.{n}")).left == DAILY_SECONDS["anonymous"]
+    assert ledger.visitors() == 0
+    ledger.charge(Visitor("address:1.1.1.1"), 30)
+    ledger.learn(Visitor("address:2.2.2.2"), read_refusal(SpacesError(
+        "ZeroGPU quota exceeded", "You have exceeded your free ZeroGPU quota (60s requested vs. 40s left). "
+                                  "Try again in 0:10:00. ")))
+    assert ledger.visitors() == 2
+    clock.now += 24 * 3600 + 1
+    ledger.charge(Visitor("address:3.3.3.3"), 30)
+    assert ledger.visitors() == 1
+    assert ledger.allowance(Visitor("address:2.2.2.2")).tier == "anonymous"  # the tier it was told is a day old
+
 @pytest.mark.parametrize("title, message, kind, counted, limit, tier", [
     ("ZeroGPU quota exceeded", "You have exceeded your Pro ZeroGPU quota (90s requested vs. 12s left). "
      "Try again in 1 day, 2:03:04. ", "left", 90, 12, "pro"),
