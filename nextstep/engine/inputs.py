@@ -241,10 +241,10 @@ def number(value, name: str, minimum=None, maximum=None, integer: bool = False) 
     """
     parsed = _parse_number(value, name)
     if isinstance(parsed, float) and not math.isfinite(parsed):
-        raise ValueError(f"{name} must be a finite number, got {_shown(value)}")
+        raise ValueError(f"{name} must be a finite number, got {clipped_repr(value)}")
     if integer:
         if isinstance(parsed, float) and not parsed.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {_shown(value)}")
+            raise ValueError(f"{name} must be a whole number, got {clipped_repr(value)}")
         parsed = int(parsed)
     _check_range(parsed, name, minimum, maximum)
     if integer:
@@ -252,7 +252,7 @@ def number(value, name: str, minimum=None, maximum=None, integer: bool = False) 
     try:
         return float(parsed)
     except OverflowError:  # an int beyond float range, with no maximum to stop it
-        raise ValueError(f"{name} must be a finite number, got {_shown(value)}") from None
+        raise ValueError(f"{name} must be a finite number, got {clipped_repr(value)}") from None
 
 
 def _parse_number(value, name: str) -> int | float:
@@ -266,7 +266,7 @@ def _parse_number(value, name: str) -> int | float:
                 return parse(text)
             except ValueError:
                 pass
-    raise ValueError(f"{name} must be a number, got {_shown(value)}")
+    raise ValueError(f"{name} must be a number, got {clipped_repr(value)}")
 
 
 def _check_range(value: int | float, name: str, minimum, maximum) -> None:
@@ -281,6 +281,7 @@ def _check_range(value: int | float, name: str, minimum, maximum) -> None:
     raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
-def _shown(value) -> str:
+def clipped_repr(value) -> str:
+    """``repr(value)``, cut short for a message."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..models.config import NextStepConfig
+from .inputs import clipped_repr
 
 PROMPT_RESERVE = 64  # positions kept free for the prompt when listing sizes
 # Aspect ratios offered (width, height) and the smallest area offered, as a fraction of the native one.
@@ -55,8 +56,7 @@ class Size:
         elif isinstance(value, (tuple, list)) and len(value) == 2:
             if all(isinstance(side, int) and not isinstance(side, bool) for side in value):
                 return cls(*value)
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"size must be WIDTHxHEIGHT in pixels, such as 256x256, got {shown}")
+        raise ValueError(f"size must be WIDTHxHEIGHT in pixels, such as 256x256, got {clipped_repr(value)}")
 
 
 def native_area(config: NextStepConfig, vae_downsample: int) -> int:

@@ -17,7 +17,7 @@ import pydantic
 from gradio.exceptions import InvalidPathError
 from gradio.i18n import I18nData
 
-from ..engine.inputs import data_url_bytes, number
+from ..engine.inputs import clipped_repr, data_url_bytes, number
 from ..engine.preview import PREVIEW_MODES
 from ..engine.sampling import CFG_SCHEDULES, SAMPLERS
 from ..engine.settings import MAX_DRAWN_SEED, read_boolean
@@ -49,8 +49,7 @@ def read_number(payload, label: str, minimum, maximum, whole: bool):
     try:
         return number(payload, label, minimum=minimum, maximum=maximum, integer=whole)
     except ValueError:
-        got = repr(payload) if len(repr(payload)) <= 40 else repr(payload)[:37] + "..."
-        raise refusal(say("msg.number_bad", label=label, allowed=allowed, shown=got)) from None
+        raise refusal(say("msg.number_bad", label=label, allowed=allowed, shown=clipped_repr(payload))) from None
 
 
 class CheckedSlider(gr.Slider):
@@ -175,8 +174,7 @@ def unreadable(block_fn, inputs: list) -> str:
             try:
                 block.data_model.model_validate(value)
             except pydantic.ValidationError:
-                got = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-                return f"{label} could not be read from {got}."
+                return f"{label} could not be read from {clipped_repr(value)}."
     return "This call's values could not be read."
 
 
