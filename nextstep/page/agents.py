@@ -19,11 +19,10 @@ from pathlib import Path
 import gradio as gr
 from gradio_client.utils import is_file_obj_with_meta
 
-from ..engine.inputs import data_url_bytes
 from ..engine.settings import SETTINGS
 from ..serving.service import Service
-from .controls import refusal
-from .guard import MAX_FILE_SIZE, PageLimits, ReaderWatch
+from .controls import inline_image, refusal
+from .guard import PageLimits, ReaderWatch
 from .i18n import say
 from .runs import MODEL_QUEUE, Tab, final_image_of, input_image
 from .visitors import visitor_of
@@ -75,11 +74,7 @@ def wire_tools(demo: gr.Blocks, generate: Tab, edit: Tab, generator: Service, ed
         url = values.pop("image")
         if not isinstance(url, str) or not url.startswith("data:"):
             raise refusal("Give the picture to edit as a base64 data: URL (data:image/png;base64,...).")
-        try:
-            image = data_url_bytes(url, MAX_FILE_SIZE)
-        except ValueError as error:
-            raise refusal(f"The input image could not be read: {error}.") from None
-        return await final(editor, request, values, input_image(image, request, limits))
+        return await final(editor, request, values, input_image(inline_image(url), request, limits))
 
     image_url = gr.Textbox(visible=False)  # the picture to edit, as a data: URL
     outputs = [gr.Image(visible=False, format="png", type="filepath"), gr.Textbox(visible=False)]

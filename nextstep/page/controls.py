@@ -104,6 +104,15 @@ class CheckedRadio(gr.Radio):
         return super().preprocess(checked_choice(self, payload))
 
 
+def inline_image(url: str) -> bytes:
+    """The picture of a ``data:`` URL as its file's bytes, its size checked before anything decodes
+    it (the handler charges it to its visitor), or a refusal saying why it cannot be read."""
+    try:
+        return data_url_bytes(url, MAX_FILE_SIZE)
+    except ValueError as error:
+        raise refusal(say("msg.unreadable_image", error=error)) from None
+
+
 class ImageUpload(gr.Image):
     """``gr.Image`` whose input reaches the handler undecoded, as the path of an uploaded file or
     the bytes of an inline ``data:`` URL, so that unreadable, truncated or oversized pictures get
@@ -119,10 +128,7 @@ class ImageUpload(gr.Image):
         if payload is None:
             return None
         if (payload.url or "").startswith("data:"):
-            try:
-                return data_url_bytes(payload.url, MAX_FILE_SIZE)  # charged by the handler
-            except ValueError as error:
-                raise refusal(say("msg.unreadable_image", error=error)) from None
+            return inline_image(payload.url)
         if payload.path and uploaded_file(payload.path):
             return str(payload.path)
         raise refusal(say("msg.not_uploaded"))

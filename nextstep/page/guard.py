@@ -166,6 +166,12 @@ def client_of(scope: Scope, trusted_proxies: int) -> str:
                           trusted_proxies)
 
 
+def request_client(request, trusted_proxies: int) -> str:
+    """``client_address`` of a handler's ``gr.Request``."""
+    forwarded = request.headers.get("x-forwarded-for") if request.headers else None
+    return client_address(forwarded, request.client.host if request.client else None, trusted_proxies)
+
+
 def uploaded_file(path: str) -> bool:
     """Whether ``path`` is a file inside Gradio's upload folder (where the upload route puts what
     visitors send, and the page the files it serves), links resolved: nothing else on the server
@@ -299,6 +305,4 @@ def charge_inline_image(image, request, limits: PageLimits) -> str | None:
     beyond it, else None. ``request``: the handler's ``gr.Request``."""
     if not isinstance(image, bytes):
         return None
-    forwarded = request.headers.get("x-forwarded-for") if request.headers else None
-    peer = request.client.host if request.client else None
-    return limits.uploads.charge(client_address(forwarded, peer, limits.trusted_proxies), len(image))
+    return limits.uploads.charge(request_client(request, limits.trusted_proxies), len(image))

@@ -18,7 +18,7 @@ from PIL import Image
 from ..engine.sizes import Size
 from ..serving.quota import QuotaExceeded, what_fits
 from ..serving.service import Allowance, Order, Service, Visitor
-from .guard import PageLimits, client_address
+from .guard import PageLimits, request_client
 from .i18n import CATALOGUE, say
 
 PROBE = Visitor("nobody")  # asks a service whether quotas apply at all
@@ -47,9 +47,7 @@ def visitor_of(request: gr.Request | None, limits: PageLimits) -> Visitor | None
         return Visitor(f"user:{profile['preferred_username']}", tier, signed_in=True)
     if request is None:
         return None
-    forwarded = request.headers.get("x-forwarded-for") if request.headers else None
-    peer = request.client.host if request.client else None
-    return Visitor("address:" + client_address(forwarded, peer, limits.trusted_proxies))
+    return Visitor("address:" + request_client(request, limits.trusted_proxies))
 
 
 def sign_in_offered(service: Service | None) -> bool:
