@@ -139,12 +139,11 @@ def caption(example: dict) -> str:
 def model_panel(services: Services) -> None:
     """The Model panel: each tab's checkpoint (family, device, dtype, quantization, parameters),
     the VAE, and with the embedded model how to serve NextStep-1.1 instead."""
-    rows = [("model.generate", services.generator)]
+    rows = [("model.generate", services.generator.describe())]
     if services.editor is not None and services.editor is not services.generator:
-        rows.append(("model.edit", services.editor))
+        rows.append(("model.edit", services.editor.describe()))
     with gr.Accordion(text("model"), open=False, elem_id="model-accordion"):
-        for key, service in rows:
-            info = service.describe()
+        for key, info in rows:
             figures = " · ".join(info[name] for name in ("family", "device", "dtype", "quantization", "parameters"))
             gr.Markdown(f"{text(key)}: `{info['checkpoint']}` · {figures}", elem_classes=["model-row"])
         if services.editor is services.generator:
@@ -153,7 +152,7 @@ def model_panel(services: Services) -> None:
             gr.Markdown(text("model.xlarge"), elem_id="model-xlarge")
         if services.vae:
             gr.Markdown(f"VAE: `{services.vae}`")
-        if any(service.describe()["checkpoint"] == EMBEDDED_MODEL.name for _, service in rows):
+        if any(info["checkpoint"] == EMBEDDED_MODEL.name for _, info in rows):
             gr.Markdown(text("model.embedded"), elem_id="model-embedded")
 
 

@@ -118,7 +118,7 @@ class GpuService(ModelFacts):
         self.task = task
         self.model = model
         self.pipe = task.pipes[model]
-        self.quota = quota or QuotaLedger(QuotaPolicy(xlarge=task.size == "xlarge"))
+        self.quota = quota if quota is not None else QuotaLedger(QuotaPolicy(xlarge=task.size == "xlarge"))
         self._running: set[GpuTicket] = set()
 
     @property
