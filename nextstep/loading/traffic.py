@@ -21,7 +21,7 @@ import torch
 
 from ..models.config import NextStepConfig
 from ..models.model import NextStepModel
-from ..models.quantize import quantized_linears
+from ..models.quantize import held_weights, quantized_linears
 from .autoround import stored_quantization
 from .memory import tensor_bytes
 
@@ -102,3 +102,12 @@ def token_traffic(config: NextStepConfig, dtype: torch.dtype, quantize: str | No
                   sampling_steps: int, converts: bool = False) -> TokenTraffic:
     """What one token of a ``rows``-row batch reads, ``context`` tokens cached (``WeightReads``)."""
     return WeightReads.of(config, dtype, quantize, converts).token(rows, context, sampling_steps)
+
+
+def held_parameters(model: NextStepModel) -> tuple[int, int]:
+    """(backbone, flow head per sampling step) parameters of ``model`` as held (``held_weights``),
+    of the same parts ``WeightReads`` counts the bytes of: what one token's matrix work multiplies."""
+    parts = dict(model.named_modules())
+    backbone = [parts[prefix.rstrip(".")] for prefix in BACKBONE]
+    per_step = [module for name, module in parts.items() if PER_STEP.fullmatch(name + ".")]
+    return sum(held_weights(part)[0] for part in backbone), sum(held_weights(part)[0] for part in per_step)

@@ -23,9 +23,8 @@ from ..engine.opcount import count_token_ops
 from ..engine.sampling import SAMPLERS
 from ..engine.settings import GenerationRequest
 from ..engine.token_loop import cache_slots
-from ..loading.traffic import WeightReads
+from ..loading.traffic import WeightReads, held_parameters
 from ..models.model import NextStepModel
-from ..models.quantize import held_weights
 
 # The default ("large") ZeroGPU slice, half an H200 (spaces' durations are counted on it): the
 # hardware's figures, not measured here (no GPU).
@@ -49,14 +48,11 @@ class ModelCost:
 
     @classmethod
     def of(cls, model: NextStepModel) -> ModelCost:
-        head = model.image_head.net
-        step_parts = [head.input_proj, head.final_layer.linear, *(part for block in head.res_blocks
-                                                                  for part in (block.in_ln, block.mlp))]
-        backbone = [model.layers, model.norm, model.image_in_projector, model.image_out_projector]
+        backbone_params, head_step_params = held_parameters(model)
         return cls(
             reads=WeightReads.of(model.config, model.dtype, model.quantization, converts=True),  # ZeroGPU: no compile
-            backbone_params=sum(held_weights(part)[0] for part in backbone),
-            head_step_params=sum(held_weights(part)[0] for part in step_parts),
+            backbone_params=backbone_params,
+            head_step_params=head_step_params,
         )
 
 
