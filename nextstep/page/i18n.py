@@ -211,10 +211,15 @@ def language_of(accept_language: str | None) -> str:
     return "en"
 
 
+def in_language(pair: tuple[str, str]) -> str:
+    """The one of an (English, Chinese) pair in the current call's language."""
+    english, chinese = pair
+    return chinese if LANGUAGE.get() == "zh-CN" else english
+
+
 def say(key: str, **figures) -> str:
     """The catalogue's text for ``key`` in the current call's language, with ``figures`` filled in."""
-    english, chinese = CATALOGUE[key]
-    return (chinese if LANGUAGE.get() == "zh-CN" else english).format(**figures)
+    return in_language(CATALOGUE[key]).format(**figures)
 
 
 def text(key: str) -> I18nData:
@@ -251,8 +256,7 @@ class Phrases:
 
     @classmethod
     def say(cls, name: str) -> str:
-        english, chinese = cls.registered[name]
-        return chinese if LANGUAGE.get() == "zh-CN" else english
+        return in_language(cls.registered[name])
 
 
 def translations() -> gr.I18n:

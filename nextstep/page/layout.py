@@ -13,7 +13,7 @@ from ..serving.service import Order, Service
 from .agents import mcp_lifespan, wire_tools
 from .controls import ImageUpload, Page, TabContext, quick_settings, sampling_controls
 from .guard import MAX_FILE_SIZE, PageLimits, app_options
-from .i18n import LANGUAGE, Phrases, text, translations
+from .i18n import Phrases, in_language, text, translations
 from .reuse import edit_chain_panel, history_panel, wire_edit_chain, wire_history
 from .runs import (
     RunBook,
@@ -133,7 +133,7 @@ def examples_panels(demo: gr.Blocks, services: Services, generate: Tab, edit: Ta
 def caption(example: dict) -> str:
     """An example's caption in the visitor's language: its text, or its Chinese caption."""
     english = example.get("prompt") or example["instruction"]
-    return example.get("caption_zh", english) if LANGUAGE.get() == "zh-CN" else english
+    return in_language((english, example.get("caption_zh", english)))
 
 
 def model_panel(services: Services) -> None:
