@@ -67,12 +67,11 @@ _HELP = {
     "device": "cuda, cpu, cuda:1, ... [default: cuda when available]",
     "edit_device": "device for --edit-model, such as cuda:1 [default: --device]",
     "dtype": "[default: bfloat16 on a GPU, float32 on the CPU]",
-    "quantize": "hold the backbone's weights packed (NextStep-1-Large at 512x512 needs 28.1 GiB in bfloat16). "
-                "int4: 10.0 GiB; the CPU or CUDA compute capability 8.0+; on a GPU expected about 2.5x as fast "
-                "as bfloat16 (from the bytes read), on the CPU 14B-shaped matmuls measured 3.4x. int8: 15.8 GiB; "
-                "any device; 2.1x on the CPU, on a GPU expected slower than bfloat16 unless --compile fuses its "
-                "conversion. fp8: "
-                "15.8 GiB; FP8 matrix products on CUDA 8.9+ (expected 1.7x); 25x slower on the CPU, to check "
+    "quantize": "hold the backbone's weights packed (NextStep-1-Large at 512x512 needs 29.4 GiB in bfloat16). "
+                "int4: 11.4 GiB; the CPU or CUDA compute capability 8.0+; on a GPU expected about 2.5x as fast "
+                "as bfloat16 (from the bytes read), on the CPU 14B-shaped matmuls measured 3.4x. int8: 17.3 GiB; "
+                "any device; 2.1x on the CPU, on a GPU expected slower than bfloat16 unless --step compiled "
+                "fuses its conversion. fp8: 17.1 GiB; FP8 matrix products on CUDA 8.9+ (expected 1.7x); 25x slower on the CPU, to check "
                 "quality. The small embedded model runs no faster with any. A checkpoint stored in 4 bits "
                 "loads as stored [default: none]",
     "threads": "CPU threads for torch [default: 1 on the CPU, where small models are bound by per-operation "

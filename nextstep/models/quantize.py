@@ -5,7 +5,7 @@ Each scheme is a ``PackedLinear`` that takes an ``nn.Linear``'s place (the bias 
 * ``int8`` (``Int8Linear``): one int8 per weight and a bfloat16 scale per output row (symmetric).
   On the CPU the matmul is PyTorch's packed int8 kernel (``_weight_int8pack_mm``) on bfloat16
   activations. Elsewhere the weight is converted to the activations' dtype at every call: a
-  full-size copy, slower than unquantized in eager mode. ``torch.compile`` (``--compile``) can fuse
+  full-size copy, slower than unquantized in eager mode. ``torch.compile`` (``--step compiled``) can fuse
   the conversion into the matmul, so that only the int8 bytes are read (whether it does for the
   token loop's few rows on a GPU is not measured yet).
 * ``int4`` (``Int4Linear``): 4-bit values with a scale and a zero point per group of 128 input
