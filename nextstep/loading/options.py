@@ -71,9 +71,9 @@ _HELP = {
                 "int4: 11.4 GiB; the CPU or CUDA compute capability 8.0+; on a GPU expected about 2.5x as fast "
                 "as bfloat16 (from the bytes read), on the CPU 14B-shaped matmuls measured 3.4x. int8: 17.3 GiB; "
                 "any device; 2.1x on the CPU, on a GPU expected slower than bfloat16 unless --step compiled "
-                "fuses its conversion. fp8: 17.1 GiB; FP8 matrix products on CUDA 8.9+ (expected 1.7x); 25x slower on the CPU, to check "
-                "quality. The small embedded model runs no faster with any. A checkpoint stored in 4 bits "
-                "loads as stored [default: none]",
+                "fuses its conversion. fp8: 17.1 GiB; FP8 matrix products on CUDA 8.9+ (expected 1.7x); 25x "
+                "slower on the CPU, to check quality. The small embedded model runs no faster with any. A "
+                "checkpoint stored in 4 bits loads as stored [default: none]",
     "threads": "CPU threads for torch [default: 1 on the CPU, where small models are bound by per-operation "
                "overhead and share the cores with the server]",
     "step": "how the per-token step runs: eager; graph (the eager step captured as a CUDA graph, once per batch "
