@@ -65,7 +65,7 @@ class NextStepPipeline:
     """A loaded NextStep model with its VAE and tokenizer; ``stream`` and ``generate`` sample images.
 
     ``family`` ("nextstep-1" or "nextstep-1.1") says which reference behaviour to follow; None
-    detects it from the checkpoint's config (see ``nextstep.families``).
+    detects it from the checkpoint's config (see ``nextstep.engine.families``).
     """
 
     def __init__(

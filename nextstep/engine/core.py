@@ -1,7 +1,7 @@
 """The engine: what a caller gave -> a complete request -> prompt rows and noise -> the one token
 loop -> results. ``NextStepPipeline``, the scheduler, the bench and the CLI all drive it.
 
-A request's life: ``Engine.request`` completes and validates it (``nextstep.settings.resolve``
+A request's life: ``Engine.request`` completes and validates it (``nextstep.engine.settings.resolve``
 over the family's defaults, the official editing ones, the model's stored sets and the caller's
 values; the seed drawn there when none is given). ``Engine.prepare`` turns it into a
 ``DecodeJob`` (prompt rows, all of its noise). ``Engine.decode`` is the token loop for runs that

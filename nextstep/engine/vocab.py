@@ -2,7 +2,7 @@
 
 Lower-cases, splits on whitespace and punctuation and writes digits one by one, so the
 image-area text ``8*8`` reads as ``8``, ``*``, ``8``. Saved as standard tokenizer files that
-``nextstep.prompts.load_tokenizer`` reads.
+``nextstep.engine.prompts.load_tokenizer`` reads.
 """
 
 from __future__ import annotations
