@@ -115,10 +115,12 @@ def start_held(client: Client, inputs: dict, timeout: float = 60.0):
     """A generation of ``inputs`` that holds its back end until stopped (``tests/serving/holds.py``),
     returned once the page shows its first progress frame."""
     job = client.submit(api_name="/generate", **inputs)
-    deadline = time.monotonic() + timeout
-    while not any(isinstance(o[2], str) and o[2].startswith("Tokens") for o in job.outputs()):
-        assert time.monotonic() < deadline and not job.done(), "the held request never started"
-        time.sleep(0.05)
+
+    def shows_progress() -> bool:
+        return any(isinstance(o[2], str) and o[2].startswith("Tokens") for o in job.outputs())
+
+    wait_until(lambda: shows_progress() or job.done(), "the held request shows its progress", timeout)
+    assert shows_progress(), "the held request started"
     return job
 
 
