@@ -277,7 +277,7 @@ async def stream_to_page(service: Service, record: RunRecord, prompt: str, image
         record.ticket = ticket
         if reader is not None:
             watch = asyncio.create_task(reader.cancel_when_abandoned(ticket))
-        yield None, None, waiting_line(service, order), None, ticket.seed
+        yield None, None, waiting_line(ticket), None, ticket.seed
         # Progress frames repeat the values already shown rather than send gr.skip(): Gradio
         # rebuilds a skipped component's whole config (its API schema included), which costs
         # far more than the frame itself and, with many users, slows the model's thread.
@@ -319,10 +319,11 @@ async def stream_to_page(service: Service, record: RunRecord, prompt: str, image
             limits.cache.poke()  # the result's files are written by now
 
 
-def waiting_line(service: Service, order: Order) -> str:
+def waiting_line(ticket: Ticket) -> str:
     """The status line while a request waits: on ZeroGPU, what it reserves."""
-    seconds = service.reservation(order)
-    return say("run.waiting") if seconds is None else say("run.waiting_gpu", seconds=seconds)
+    if ticket.reservation is None:
+        return say("run.waiting")
+    return say("run.waiting_gpu", seconds=ticket.reservation)
 
 
 async def last_frame(service: Service, prompt: str, image, **settings) -> tuple:

@@ -88,6 +88,10 @@ class RayTicket:
     _left: threading.Event = field(default_factory=threading.Event, repr=False)  # its stream is closed
     _opened: bool = field(default=False, repr=False)
 
+    @property
+    def reservation(self) -> None:
+        return None  # the cluster's GPUs are its own
+
     def cancel(self) -> None:
         """Withdraw the request: its stream closes at the next frame (closing ``frames`` does at once)."""
         self._cancelled.set()

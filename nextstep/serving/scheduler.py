@@ -88,6 +88,10 @@ class SchedulerTicket:
     def seed(self) -> int:
         return self.request.seed
 
+    @property
+    def reservation(self) -> None:
+        return None  # the model is the server's own
+
     def cancel(self) -> None:
         self._cancelled.set()
         if self._scheduler is not None:

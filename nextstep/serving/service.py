@@ -87,6 +87,10 @@ class Ticket(Protocol):
         """The seed the request runs with (drawn at submission when the order named none)."""
 
     @property
+    def reservation(self) -> int | None:
+        """The GPU seconds the request reserves (ZeroGPU), None where nothing is reserved."""
+
+    @property
     def cancelled(self) -> bool: ...
 
     def cancel(self) -> None:

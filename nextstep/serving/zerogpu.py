@@ -91,6 +91,7 @@ class GpuTicket:
     preview_every: int
     visitor: Visitor | None = None  # whose quota the task is charged to
     order: Order | None = None  # what it was made from
+    reservation: int | None = None  # the seconds its GPU task asks for, once submitted
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _left: threading.Event = field(default_factory=threading.Event, repr=False)  # its GPU task has ended
 
@@ -130,7 +131,8 @@ class GpuService(ModelFacts):
         """Complete and validate the request here, before any GPU is asked for (ValueError with a
         readable message; also when it would need more GPU time than ZeroGPU grants a task)."""
         ticket = self._ticket(order)
-        seconds = self.task.duration(self.model, ticket.request, ticket.preview, ticket.preview_every)
+        seconds = ticket.reservation = self.task.duration(self.model, ticket.request, ticket.preview,
+                                                          ticket.preview_every)
         self._check_quota(ticket, seconds)  # a visitor's refusal names what fits them
         if seconds > MAX_SECONDS:
             raise ValueError(
