@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"  # made by the official code: see its README
 TINY = FIXTURES / "reference-tiny"
 TINY11 = FIXTURES / "reference-tiny-11"
+# How close our numbers must be to the official code's: each component's outputs, and the tokens.
+COMPONENT_TOL = 1e-5
+TOKEN_TOL = 1e-4
 
 
 def load_case(directory: Path, name: str):

@@ -11,16 +11,15 @@ from nextstep.engine.sampling import sample_token, time_grid_v1
 from nextstep.models.vae import ResnetBlock
 
 from ..conftest import (
+    COMPONENT_TOL,
     TINY,
     TINY11,
+    TOKEN_TOL,
     api_kwargs,
     case_prompt_batch,
     images_as_array,
     load_case,
 )
-
-COMPONENT_TOL = 1e-5
-TOKEN_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,16 @@ from nextstep.engine.sampling import (
 )
 
 from ..conftest import (
+    COMPONENT_TOL,
     TINY,
     TINY11,
+    TOKEN_TOL,
     api_kwargs,
     case_prompt_batch,
     images_as_array,
     load_case,
 )
 
-COMPONENT_TOL = 1e-5
-TOKEN_TOL = 1e-4
 LATENT_INPUT_TOL = 1e-3
 CASES = ["t2i_sde", "t2i_ode", "t2i_cps", "t2i_usenorm", "edit"]
 FAMILY_DEFAULTS = dict(  # NextStep-1.1's reference settings

@@ -12,9 +12,7 @@ from safetensors.torch import load_file, save_file
 from nextstep import CheckpointMismatchError, NextStepPipeline
 from nextstep.models.model import sincos_2d_table
 
-from ..conftest import TINY, TINY11, api_kwargs, images_as_array, load_case
-
-TOKEN_TOL = 1e-4
+from ..conftest import TINY, TINY11, TOKEN_TOL, api_kwargs, images_as_array, load_case
 
 
 def edit_config(directory, **changes):
